@@ -238,6 +238,7 @@ class Transformer(nn.Module):
         if lm_head and config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.activation_checkpointing = False
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         for name, p in self.named_parameters():
@@ -245,8 +246,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std, generator=generator)
             else:
                 nn.init.ones_(p)
-        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
-        return self
+        return self.reset_rope()
 
     def forward(self, tokens, positions=None, mask=None, *, cache: list[KVCache] | None = None, cache_pos: int = 0,
                 return_hidden: bool = False, targets=None, last_only: bool = False, chunk_size: int = 1024):
@@ -268,7 +268,11 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
         attn_mask = attention_mask(mask, T, cache_pos, self.config.sliding_window)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, attn_mask, cache[i] if cache is not None else None, cache_pos)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Keep only each block's input; recompute its activations in backward.
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attn_mask, cache[i] if cache is not None else None, cache_pos)
         h = self.norm(h)
         if return_hidden:
             return h
@@ -294,16 +298,23 @@ class Transformer(nn.Module):
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        model.inv_freq = rope_inv_freq(config)
-        return model.to(device)
+        return model.reset_rope().to(device)
 
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, state_dict: dict | None = None):
-        """Write config.json + safetensors (sharded past max_shard_bytes) in transformers' layout, atomically."""
+    def reset_rope(self):
+        """Recompute the RoPE table (a non-persistent buffer: meta or to_empty leave it uninitialised)."""
+        self.inv_freq = rope_inv_freq(self.config).to(self.embed_tokens.weight.device)
+        return self
+
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, state_dict: dict | None = None, extra_files=()):
+        """Write config.json + safetensors (sharded past max_shard_bytes) in transformers' layout, atomically.
+
+        state_dict: the full (gathered) weights when the model is sharded; extra_files: e.g. the tokenizer's.
+        """
         state = state_dict if state_dict is not None else self.state_dict()
         cfg = self.config.to_hf()
         cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
         save_hf_checkpoint(path, cfg, {hf_name(k): v for k, v in state.items()
-                                      if not (self.config.tie_embeddings and k == "lm_head.weight")}, max_shard_bytes)
+                                      if not (self.config.tie_embeddings and k == "lm_head.weight")}, max_shard_bytes, extra_files)
 
 
 def chunked_logprobs(h, weight, targets, chunk_size: int):
@@ -344,8 +355,11 @@ def response_logprobs(model, prompt, prompt_mask, response, response_mask, *, ch
     return logp[:, P - 1:-1], ent[:, P - 1:-1]
 
 
-def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, generator=None):
-    """One token per row; rows with temperature 0 take the argmax (the ReMax baseline is greedy)."""
+def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, noise=None, generator=None):
+    """One token per row; rows with temperature 0 take the argmax (the ReMax baseline is greedy).
+
+    noise: Exp(1) draws shaped like logits (drawn from `generator` when not given).
+    """
     greedy = logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature.clamp_min(1e-5)[:, None], dim=-1)
     if top_k:
@@ -357,19 +371,25 @@ def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, generat
         sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p * sorted_p.sum(-1, keepdim=True), 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
     # Exponential race: argmax p/E with E ~ Exp(1) is a draw from p, without multinomial's host sync.
-    race = probs / torch.empty_like(probs).exponential_(1, generator=generator)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    race = probs / noise
     return torch.where(temperature == 0, greedy, race.argmax(-1))
 
 
 @torch.inference_mode()
 def generate(model, prompt, prompt_mask, max_new_tokens: int, *, n: int = 1, temperature=1.0, top_p: float = 1.0,
-             top_k: int = 0, stop_ids: list[int] | None = None, pad_id: int = 0, generator=None):
+             top_k: int = 0, stop_ids: list[int] | None = None, pad_id: int = 0, generator=None,
+             row_offset: int = 0, total_rows: int | None = None):
     """Sample responses to left-padded prompts with a preallocated KV cache (Algorithm 1 lines 3-4).
 
     The B prompts are prefilled once and the cache is repeated n times: row k*B + b continues prompt b.
     `temperature` is a float or one value per output row; 0 means greedy. Returns response [n*B, N]
     and its mask, True up to and including the first stop token (which is trained on, as in the
     official code); later positions hold pad_id. N <= max_new_tokens: decoding stops when all rows did.
+    When these B prompts are rows [row_offset, row_offset + B) of a global batch of total_rows sharded
+    over ranks, each step draws the noise of the whole global batch and keeps this shard's rows, so
+    every rank samples exactly what one process would (world-size-invariant, reproducible runs).
     """
     B, P = prompt.shape
     if not bool(prompt_mask[:, -1].all()):
@@ -388,8 +408,14 @@ def generate(model, prompt, prompt_mask, max_new_tokens: int, *, n: int = 1, tem
     out = torch.full((n * B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros(n * B, max_new_tokens, dtype=torch.bool, device=device)
     done = torch.zeros(n * B, dtype=torch.bool, device=device)
+    sampled_rows = bool((temperature > 0).any())
+    total_rows = total_rows or B
     for i in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_p, top_k, generator)
+        noise = None
+        if sampled_rows:
+            noise = torch.empty(n, total_rows, logits.shape[-1], device=device).exponential_(1, generator=generator)
+            noise = noise[:, row_offset:row_offset + B].reshape(n * B, -1)
+        tok = sample_next(logits, temperature, top_p, top_k, noise)
         out[:, i] = torch.where(done, pad_id, tok)
         out_mask[:, i] = ~done
         done |= torch.isin(tok, stop)
@@ -401,7 +427,7 @@ def generate(model, prompt, prompt_mask, max_new_tokens: int, *, n: int = 1, tem
 
 
 def hf_name(key: str) -> str:
-    return key if key.startswith("lm_head.") or key.startswith("score.") else "model." + key
+    return key if key.startswith(("lm_head.", "score.", "regression_head.")) else "model." + key
 
 
 def read_json(path) -> dict:
@@ -429,7 +455,7 @@ def load_hf_state_dict(path, expected: dict) -> dict:
     state = {}
     for f in files:
         for k, v in load_file(path / f).items():
-            state[k.removeprefix("model.") if not (k.startswith("lm_head.") or k.startswith("score.")) else k] = v
+            state[k if k.startswith(("lm_head.", "score.", "regression_head.")) else k.removeprefix("model.")] = v
     missing = [hf_name(k) for k in expected if k not in state]
     unexpected = [hf_name(k) for k in state if k not in expected and not k.endswith("rotary_emb.inv_freq")]
     if missing:
@@ -534,7 +560,7 @@ class Tokenizer:
     def decode_batch(self, ids, skip_special_tokens: bool = True) -> list[str]:
         return self.tok.decode_batch([list(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def save(self, path):
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-            if (self.path / name).is_file():
-                shutil.copy(self.path / name, Path(path) / name)
+    def files(self) -> list[Path]:
+        """The files that define this tokenizer, to ship next to an exported checkpoint."""
+        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+        return [self.path / n for n in names if (self.path / n).is_file()]

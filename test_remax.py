@@ -1,11 +1,15 @@
 """The project's claims, executable: each test is one sentence of the paper, the spec or the README."""
 import json
+import math
+import string
 
 import pytest
 import torch
 
 from model import (ModelConfig, Tokenizer, Transformer, generate, positions_from_mask, response_logprobs,
     sample_next)
+from reward import (ModelReward, RetokenizedReward, RewardModel, TextReward, bradley_terry_loss, freeze,
+    mistral_to_ultrarm)
 
 
 def _model_tiny(**kw):
@@ -269,3 +273,296 @@ def test_tokenizer_matches_transformers_fast_tokenizer(tmp_path):
         assert ours.encode(text, add_special_tokens=False) == theirs(text, add_special_tokens=False)["input_ids"]
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, None)
     assert ours.decode(ours.encode("abc")) == "abc"
+
+
+def test_sharded_generate_samples_exactly_what_one_process_would():
+    model = _model_tiny()
+    prompt, mask = _model_left_padded([[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16, 17]])
+    temps = torch.tensor([1.0] * 4 + [0.0] * 4)
+    whole, wmask = generate(model, prompt, mask, 9, n=2, temperature=temps, stop_ids=[5],
+                            generator=torch.Generator().manual_seed(7))
+    for off in (0, 2):
+        part, pmask = generate(model, prompt[off:off + 2], mask[off:off + 2], 9, n=2,
+                               temperature=torch.tensor([1.0, 1.0, 0.0, 0.0]), stop_ids=[5],
+                               generator=torch.Generator().manual_seed(7), row_offset=off, total_rows=4)
+        for k in range(2):
+            rows = slice(k * 4 + off, k * 4 + off + 2)
+            n = part.shape[1]
+            assert torch.equal(part[k * 2:k * 2 + 2], whole[rows, :n])
+            assert torch.equal(pmask[k * 2:k * 2 + 2], wmask[rows, :n]) and not wmask[rows, n:].any()
+
+
+def _reward_policy(**kw):
+    cfg = dict(vocab_size=48, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, eos_id=2, pad_id=0)
+    cfg.update(kw)
+    return Transformer(ModelConfig(**cfg)).init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
+
+
+def _reward_rm(**kw):
+    return RewardModel.init_from_policy(_reward_policy(**kw), head_std=1.0, generator=torch.Generator().manual_seed(1))
+
+
+def _reward_rows(rows, pad, left):
+    T = max(len(r) for r in rows)
+    pads, real = [[pad] * (T - len(r)) for r in rows], [[True] * len(r) for r in rows]
+    if left:
+        return (torch.tensor([f + r for f, r in zip(pads, rows)]),
+                torch.tensor([[False] * len(f) + m for f, m in zip(pads, real)]))
+    return (torch.tensor([r + f for f, r in zip(pads, rows)]),
+            torch.tensor([m + [False] * len(f) for f, m in zip(pads, real)]))
+
+
+def _reward_alone(rm, row):
+    with torch.no_grad():
+        return rm(torch.tensor([row]))[0]
+
+
+def _reward_tokenizer(path, specials_first: bool):
+    """A character-level tokenizer folder; the two layouts give every character a different id."""
+    from tokenizers import Tokenizer as T, decoders, models, pre_tokenizers, processors
+    chars = sorted(set(string.printable) - set("\r\x0b\x0c\t"))
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    names = specials + chars if specials_first else chars[::-1] + specials
+    tok = T(models.WordLevel({n: i for i, n in enumerate(names)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", names.index("<s>"))])
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "pad_token": "<pad>"}))
+    return Tokenizer(path)
+
+
+def test_bradley_terry_loss_and_gradient_match_closed_form():
+    r_c = torch.tensor([1.5, -0.3, 2.0, 0.7], requires_grad=True)
+    r_r = torch.tensor([0.5, 0.4, 2.0, -1.0], requires_grad=True)
+    loss, acc = bradley_terry_loss(r_c, r_r)
+    loss.backward()
+    d = torch.tensor([1.0, -0.7, 0.0, 1.7])
+    torch.testing.assert_close(loss, torch.log1p(torch.exp(-d)).mean())
+    torch.testing.assert_close(r_c.grad, -(1 - torch.sigmoid(d)) / 4)
+    torch.testing.assert_close(r_r.grad, (1 - torch.sigmoid(d)) / 4)
+    assert acc.item() == 0.5  # rows 0 and 3 win; the tie in row 2 counts as an error
+    big, _ = bradley_terry_loss(torch.tensor([-100.0, 100.0]), torch.tensor([0.0, 0.0]))
+    torch.testing.assert_close(big, torch.tensor(50.0))
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_reward_scores_match_transformers_both_ways(tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    cfg_cls = transformers.MistralConfig if kind == "mistral" else transformers.LlamaConfig
+    cfg = cfg_cls(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, rms_norm_eps=1e-5, num_labels=1, pad_token_id=0, initializer_range=0.2,
+                  **({"sliding_window": 5} if kind == "mistral" else {}))
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+    hf.config._attn_implementation = "eager"
+    hf.save_pretrained(tmp_path / "hf")
+    ours = RewardModel.from_pretrained(tmp_path / "hf").eval()
+    # Right padding with a pad id no real token uses: transformers' pad-id rule and our mask rule agree.
+    tokens, mask = _reward_rows([list(range(3, 15)), list(range(20, 27)), [40, 41, 42]], pad=0, left=False)
+    with torch.no_grad():
+        want = hf(input_ids=tokens, attention_mask=mask.long()).logits[:, 0]
+        got = ours(tokens, mask)
+        last_column = ours(tokens)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got[1:] - last_column[1:]).abs().min() > 1e-2  # the position really matters
+    ours.save_pretrained(tmp_path / "ours")
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours").eval()
+    back.config._attn_implementation = "eager"
+    assert type(back).__name__ == type(hf).__name__ and back.config.num_labels == 1
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=tokens, attention_mask=mask.long()).logits[:, 0], want,
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("max_shard_bytes", [2**40, 20_000])
+def test_reward_model_save_load_round_trip_is_bitwise(tmp_path, max_shard_bytes):
+    rm = _reward_rm(tie_embeddings=True)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    rm.save_pretrained(tmp_path / "rm", max_shard_bytes=max_shard_bytes, extra_files=[tmp_path / "tokenizer.json"])
+    assert (tmp_path / "rm" / "tokenizer.json").read_text() == "{}"
+    assert (tmp_path / "rm" / "model.safetensors.index.json").exists() == (max_shard_bytes < 2**30)
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["id2label"] == {"0": "LABEL_0"}
+    loaded = RewardModel.from_pretrained(tmp_path / "rm")
+    assert loaded.config == rm.config
+    a, b = rm.state_dict(), loaded.state_dict()
+    assert list(a) == list(b) and "score.weight" in a and "model.embed_tokens.weight" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(rm(tokens), loaded(tokens))
+
+
+def test_score_is_read_at_first_eos_or_at_last_token_of_truncated_response():
+    rm = _reward_rm()
+    prompt, pmask = _reward_rows([[5, 6, 7], [8, 9]], pad=0, left=True)
+    # Row 0 finishes at EOS (2) then holds junk its mask still covers; row 1 is truncated (no EOS).
+    response = torch.tensor([[10, 11, 2, 12, 13], [14, 15, 16, 17, 18]])
+    loose = torch.ones_like(response, dtype=torch.bool)
+    want = torch.stack([_reward_alone(rm, [5, 6, 7, 10, 11, 2]), _reward_alone(rm, [8, 9, 14, 15, 16, 17, 18])])
+    torch.testing.assert_close(ModelReward(rm)(prompt, pmask, response, loose), want, atol=1e-5, rtol=1e-5)
+    # generate's layout with the official pad == EOS: after the first EOS, pads that are EOS ids, masked.
+    response[0, 3:] = 2
+    tight = loose.clone()
+    tight[0, 3:] = False
+    torch.testing.assert_close(ModelReward(rm)(prompt, pmask, response, tight), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        junk = rm(torch.cat([prompt[:1], torch.tensor([[10, 11, 2, 12, 13]])], 1), torch.cat([pmask[:1], loose[:1]], 1))
+    assert (junk[0] - want[0]).abs() > 1e-2  # reading past the EOS would change the score
+    with pytest.raises(ValueError, match="every row needs at least one real token"):
+        rm(prompt, torch.zeros_like(pmask))
+
+
+def test_model_reward_is_frozen_no_grad_float32_and_usable_in_a_loss():
+    rm = _reward_rm().train()
+    reward_fn = ModelReward(rm)
+    assert not rm.training and not any(p.requires_grad for p in rm.parameters())
+    prompt, pmask = _reward_rows([[5, 6, 7], [8, 9]], pad=0, left=True)
+    response = torch.tensor([[10, 11, 2], [14, 15, 16]])
+    r = reward_fn(prompt, pmask, response, torch.ones_like(response, dtype=torch.bool))
+    assert r.dtype == torch.float32 and r.shape == (2,) and not r.requires_grad
+    logp = torch.zeros(2, requires_grad=True)
+    (-(logp * r).sum()).backward()  # an inference-mode tensor would fail here
+    torch.testing.assert_close(logp.grad, -r)
+
+
+def test_frozen_reward_model_runs_in_training_dtype(tmp_path):
+    rm = _reward_rm()
+    rm.save_pretrained(tmp_path / "rm")
+    bf16 = freeze(RewardModel.from_pretrained(tmp_path / "rm", dtype=torch.bfloat16))
+    assert bf16.score.weight.dtype == torch.bfloat16 and bf16.model.inv_freq.dtype == torch.float32
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        lo, hi = bf16(tokens), rm(tokens)
+    assert lo.dtype == torch.float32
+    torch.testing.assert_close(lo, hi, atol=0.05 * hi.abs().item() + 0.02, rtol=0)
+
+
+def test_init_from_policy_copies_backbone_and_starts_at_zero_reward():
+    policy = _reward_policy(tie_embeddings=True)
+    rm = RewardModel.init_from_policy(policy)
+    tokens = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.equal(rm.model(tokens, return_hidden=True), policy(tokens, return_hidden=True))
+        r = rm(tokens)
+    assert torch.equal(r, torch.zeros(2))
+    torch.testing.assert_close(bradley_terry_loss(r, r.flip(0))[0], torch.tensor(math.log(2)))
+    assert rm.model.embed_tokens.weight.data_ptr() != policy.embed_tokens.weight.data_ptr()
+    assert rm.model.lm_head is None and all(p.requires_grad for p in rm.parameters())
+
+
+def test_bradley_terry_training_learns_a_planted_preference():
+    # Step 2 of the paper end to end: chosen responses end in token 7, rejected ones in token 9.
+    torch.manual_seed(0)
+    rm = RewardModel.init_from_policy(_reward_policy())
+    opt = torch.optim.Adam(rm.parameters(), lr=3e-3)
+    def pairs(n):
+        body = torch.randint(10, 48, (n, 5))
+        return torch.cat([body, torch.full((n, 1), 7)], 1), torch.cat([body, torch.full((n, 1), 9)], 1)
+    first = None
+    for _ in range(30):
+        chosen, rejected = pairs(16)
+        r = rm(torch.cat([chosen, rejected]))
+        loss, _ = bradley_terry_loss(r[:16], r[16:])
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first == pytest.approx(math.log(2), abs=1e-6)
+    chosen, rejected = pairs(64)
+    with torch.no_grad():
+        loss, acc = bradley_terry_loss(rm(chosen), rm(rejected))
+    assert acc.item() == 1.0 and loss.item() < 0.1
+
+
+def test_retokenized_reward_scores_the_reencoded_text(tmp_path):
+    policy_tok = _reward_tokenizer(tmp_path / "policy", specials_first=True)
+    rm_tok = _reward_tokenizer(tmp_path / "rm", specials_first=False)
+    rm = _reward_rm(vocab_size=rm_tok.vocab_size, eos_id=rm_tok.eos_id, pad_id=rm_tok.pad_id)
+    prompt, pmask = _reward_rows([policy_tok.encode("[INST] ab [/INST]"), policy_tok.encode("[INST] c [/INST]")],
+                                 pad=policy_tok.pad_id, left=True)
+    # Row 0 finishes with the policy's EOS (then junk under a loose mask); row 1 is truncated.
+    response = torch.tensor([policy_tok.encode("ba", False) + [policy_tok.eos_id] + policy_tok.encode("zz", False),
+                             policy_tok.encode("cabba", False)])
+    rmask = torch.ones_like(response, dtype=torch.bool)
+    texts = ["Human: ab\nAssistant: ba", "Human: c\nAssistant: cabba"]
+    assert [mistral_to_ultrarm(p, r) for p, r in (("[INST] ab [/INST]", "ba"), ("[INST] c [/INST]", "cabba"))] == texts
+    for append_eos in (False, True):
+        reward_fn = RetokenizedReward(rm, rm_tok, policy_tok, append_eos=append_eos)
+        ids = [rm_tok.encode(texts[0]) + [rm_tok.eos_id] * append_eos, rm_tok.encode(texts[1])]
+        assert reward_fn.encode(prompt, pmask, response, rmask) == ids
+        want = torch.stack([_reward_alone(rm, row) for row in ids])
+        torch.testing.assert_close(reward_fn(prompt, pmask, response, rmask), want, atol=1e-5, rtol=1e-5)
+    assert policy_tok.encode("ab", False) != rm_tok.encode("ab", False)
+
+
+def test_text_reward_passes_decoded_prompts_and_responses(tmp_path):
+    tok = _reward_tokenizer(tmp_path / "tok", specials_first=True)
+    seen = []
+    def exact_match(prompts, responses):
+        seen.append((prompts, responses))
+        return [float(r == "42") for r in responses]
+    prompt, pmask = _reward_rows([tok.encode("6*7="), tok.encode("40+3=")], pad=tok.pad_id, left=True)
+    response = torch.tensor([tok.encode("42", False) + [tok.eos_id, tok.encode("9", False)[0]],
+                             tok.encode("4242", False)])
+    rmask = torch.ones_like(response, dtype=torch.bool)
+    r = TextReward(exact_match, tok)(prompt, pmask, response, rmask)
+    assert seen == [(["6*7=", "40+3="], ["42", "4242"])]
+    assert r.dtype == torch.float32 and torch.equal(r, torch.tensor([1.0, 0.0]))
+
+    def first_only(prompts, responses):
+        return exact_match(prompts, responses)[:1]
+    with pytest.raises(ValueError, match=r"'first_only' returned shape \[1\], expected \[2\]"):
+        TextReward(first_only, tok)(prompt, pmask, response, rmask)
+
+
+def test_ultrarm_layout_loads_with_its_regression_head(tmp_path):
+    from safetensors.torch import load_file, save_file
+    rm = _reward_rm()
+    rm.save_pretrained(tmp_path / "rm")
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    cfg["architectures"] = ["LlamaRewardModel"]
+    for k in ("id2label", "label2id"):
+        cfg.pop(k)
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(cfg))
+    t = load_file(tmp_path / "rm" / "model.safetensors")
+    t["regression_head.weight"] = t.pop("score.weight")
+    save_file(t, tmp_path / "rm" / "model.safetensors")
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(RewardModel.from_pretrained(tmp_path / "rm")(tokens), rm(tokens))
+
+
+def _reward_edit(path, config=None, tensors=None):
+    if config:
+        cfg = json.loads((path / "config.json").read_text())
+        config(cfg)
+        (path / "config.json").write_text(json.dumps(cfg))
+    if tensors:
+        from safetensors.torch import load_file, save_file
+        t = load_file(path / "model.safetensors")
+        tensors(t)
+        save_file(t, path / "model.safetensors")
+
+
+@pytest.mark.parametrize("config,tensors,message", [
+    (lambda c: c.update(id2label={"0": "A", "1": "B"}), None, "num_labels=2, expected 1"),
+    (None, lambda t: t.pop("score.weight"), "missing tensor(s) score.weight"),
+    (None, lambda t: t.update({"score.weight": torch.zeros(2, 32)}),
+     "tensor score.weight has shape [2, 32], expected [1, 32]"),
+    ("causal", None, "architectures 'LlamaForCausalLM' is not a reward model"),
+])
+def test_bad_reward_checkpoints_raise_one_clear_error(tmp_path, config, tensors, message):
+    path = tmp_path / "ck"
+    if config == "causal":
+        _reward_policy().save_pretrained(path)
+    else:
+        _reward_rm().save_pretrained(path)
+        _reward_edit(path, config, tensors)
+    with pytest.raises(ValueError) as e:
+        RewardModel.from_pretrained(path)
+    assert message in str(e.value) and str(path) in str(e.value)
