@@ -1,0 +1,644 @@
+"""SFT -> reward model -> ReMax: the paper's three steps, one process or torchrun, under FSDP2.
+
+    python train.py                                    # built-in demo: all three steps, tiny model, CPU
+    torchrun --nproc_per_node=8 train.py --stage remax --policy out/sft/final \\
+        --reward_model out/rm/final --data prompts.jsonl --preset official
+
+`train_remax` reads like Algorithm 1: rollout of the sampled and greedy responses (lines 3-4), their
+rewards (line 5), the policy's log-probs (line 6), the loss and one optimizer step (line 7).
+Every run prints its config, writes it to <out_dir>/config.json and logs <out_dir>/metrics.jsonl.
+"""
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+import data
+import remax
+from model import ModelConfig, Tokenizer, Transformer, generate, read_json, response_logprobs
+from reward import ModelReward, RewardModel, bradley_terry_loss
+
+
+@dataclass
+class Config:
+    stage: str = "demo"            # demo (all three on the built-in task) | sft | rm | remax
+    example: str = ""              # smollm2-sentiment: ReMax on a real pretrained model with a VADER reward (README)
+    policy: str = ""               # HF folder: model to fine-tune (sft), to initialise the RM from (rm), SFT policy (remax)
+    reward_model: str = ""         # HF *ForSequenceClassification folder (remax)
+    tokenizer: str = ""            # HF folder with tokenizer.json; default: --policy
+    data: str = ""                 # JSONL: SFT pairs (sft) | preference pairs (rm) | prompts (remax)
+    eval_data: str = ""            # JSONL held out for evaluation; default: the last eval_size records of --data
+    eval_size: int = 64
+    prompt_format: str = "auto"    # auto (chat template if the tokenizer has one, else hh) | chat | hh | plain
+    out_dir: str = "out/run"
+    # ReMax (remax.py); None = the preset's value
+    preset: str = "official"       # official (the released scripts) | algorithm1 (the paper's Algorithm 1 verbatim)
+    baseline: str = "greedy"       # greedy (ReMax) | none (REINFORCE) | rloo (second sample, RLOO-2)
+    kl: str | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    clip: float | None = None
+    norm: str | None = None
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    max_prompt_len: int = 256
+    max_new_tokens: int = 256
+    max_len: int = 512             # sft / rm: prompt + response tokens
+    # optimisation (defaults: the official Llama-2-7B ReMax script)
+    lr: float = 1e-6
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    batch_size: int = 8            # global: prompts (remax), pairs (rm), examples (sft) per optimizer step
+    epochs: int = 1
+    max_steps: int = 0             # 0 = as many as `epochs` gives
+    dtype: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    activation_checkpointing: bool = False
+    eval_every: int = 0            # 0 = only before and after training
+    target_kl: float = 0.0         # stop once eval KL reaches it (official 1.0); 0 = never
+    save_every: int = 0            # 0 = no periodic checkpoints (the final export is always written)
+    resume: bool = False
+    max_bad_steps: int = 5         # consecutive non-finite steps tolerated before stopping
+    seed: int = 2023
+    device: str = "auto"
+
+
+def parse_args(argv=None, **defaults) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    base = Config(**defaults)
+    for f in fields(Config):
+        v = getattr(base, f.name)
+        if f.type is bool or isinstance(v, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=v)
+        else:
+            kind = {int: int, float: float, str: str}.get(type(v)) or (float if f.name in ("beta", "gamma", "clip") else str)
+            p.add_argument(f"--{f.name}", type=kind, default=v)
+    return Config(**vars(p.parse_args(argv)))
+
+
+class Dist:
+    """Rank, world and device. A plain `python train.py` is a world of one: the same FSDP code path."""
+
+    def __init__(self, device: str = "auto"):
+        if "RANK" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cuda = torch.cuda.is_available() and device != "cpu"
+        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
+        self.mesh = init_device_mesh(self.device.type, (self.world,))
+
+    def split(self, global_batch: int) -> slice:
+        if global_batch % self.world:
+            raise ValueError(f"--batch_size {global_batch} must be divisible by the world size {self.world}")
+        b = global_batch // self.world
+        return slice(self.rank * b, (self.rank + 1) * b)
+
+    def mean(self, values: dict) -> dict:
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world).tolist()))
+
+    def sum(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item()
+
+
+def log(ctx: Dist, *args):
+    if ctx.rank == 0:
+        print(*args, flush=True)
+
+
+# --------------------------------------------------------------------------- FSDP2 models
+
+def compute_dtype(cfg: Config, ctx: Dist) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def shard(model, blocks, cfg: Config, ctx: Dist, trainable: bool):
+    """fully_shard each transformer block, then the root (torchtitan's recipe).
+
+    Trainable: fp32 master weights, bf16 compute on GPU, fp32 gradient reduction. Frozen models
+    (reference policy, reward model) already hold the compute dtype and need no policy.
+    """
+    dtype = compute_dtype(cfg, ctx)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if trainable and dtype != torch.float32 \
+        else MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mesh=ctx.mesh, mp_policy=mp)
+    fully_shard(model, mesh=ctx.mesh, mp_policy=mp)
+    return model
+
+
+def load_model(path, cfg: Config, ctx: Dist, trainable: bool, reward: bool = False):
+    """Build on the meta device, shard, then rank 0 reads the checkpoint and broadcasts the shards.
+
+    Only rank 0 holds a full copy (in host memory), so 8 ranks need not 8x the host memory.
+    """
+    path = Path(path)
+    config = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+    cls = RewardModel if reward else Transformer
+    with torch.device("meta"):
+        model = cls(config)
+    backbone = model.model if reward else model
+    state = cls.from_pretrained(path).state_dict() if ctx.rank == 0 else {}
+    dtype = torch.float32 if trainable else compute_dtype(cfg, ctx)
+    model.to(dtype)
+    shard(model, backbone.layers, cfg, ctx, trainable)
+    model.to_empty(device=ctx.device)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    backbone.reset_rope()
+    backbone.activation_checkpointing = trainable and cfg.activation_checkpointing
+    if not trainable:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def export(model, path, ctx: Dist, tokenizer: Tokenizer | None = None):
+    """Gather the full weights (all ranks take part) and let rank 0 write a transformers-loadable folder."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.rank == 0:
+        model.save_pretrained(path, state_dict=state, extra_files=tokenizer.files() if tokenizer else ())
+    dist.barrier()
+
+
+@contextmanager
+def gathered(model):
+    """Keep the policy's parameters unsharded for a whole rollout.
+
+    Decoding runs one forward per token; letting FSDP all-gather every block for every token would
+    dominate generation time. This is the role DeepSpeed's hybrid engine plays in the official code.
+    """
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+# --------------------------------------------------------------------------- optimisation
+
+def make_optimizer(model, cfg: Config):
+    # No weight decay on norms (1-D), as the official code's get_optimizer_grouped_parameters.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True)
+
+
+def lr_at(step: int, cfg: Config, total: int) -> float:
+    """Linear warmup, then cosine decay to 0 over the run (the official scripts: cosine, no warmup)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def optimizer_step(model, opt, cfg: Config, lr: float) -> float | None:
+    """Clip the global gradient norm (over all shards) and step; None and no step if it is not finite."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+    if not math.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return None
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+# --------------------------------------------------------------------------- checkpoints and metrics
+
+def save_checkpoint(model, opt, step: int, gen: torch.Generator, cfg: Config, ctx: Dist):
+    """DCP checkpoint written to a temp folder and renamed, then `latest` updated: a kill never corrupts."""
+    root = Path(cfg.out_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd, "rng": gen.get_state()}, checkpoint_id=str(tmp))
+    dist.barrier()
+    if ctx.rank == 0:
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}))
+        os.replace(tmp, final) if not final.exists() else None
+        atomic_write(root / "latest", final.name)
+    dist.barrier()
+
+
+def load_checkpoint(model, opt, gen: torch.Generator, cfg: Config) -> int:
+    """Restore the newest complete checkpoint; returns the step to continue from (0 if none)."""
+    root = Path(cfg.out_dir) / "checkpoints"
+    if not (root / "latest").is_file():
+        return 0
+    path = root / (root / "latest").read_text().strip()
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"{path}: checkpoint named by {root / 'latest'} is incomplete (no meta.json)")
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd, "rng": gen.get_state()}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    gen.set_state(state["rng"])
+    return json.loads((path / "meta.json").read_text())["step"]
+
+
+def atomic_write(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Metrics:
+    """One JSON line per step (rank 0); on resume, lines past the restored step are dropped."""
+
+    def __init__(self, path: Path, ctx: Dist, start_step: int = 0):
+        self.path, self.on = path, ctx.rank == 0
+        if self.on and path.exists():
+            keep = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start_step]
+            atomic_write(path, "".join(l + "\n" for l in keep))
+
+    def write(self, row: dict):
+        if self.on:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def start_run(cfg: Config, ctx: Dist) -> Path:
+    out = Path(cfg.out_dir)
+    if ctx.rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        except OSError as e:
+            raise SystemExit(f"--out_dir {out}: not writable ({e.strerror})")
+        print(f"[{cfg.stage}] world={ctx.world} device={ctx.device} config:\n{json.dumps(asdict(cfg), indent=1)}", flush=True)
+    dist.barrier()
+    return out
+
+
+# --------------------------------------------------------------------------- step 3: ReMax
+
+def remax_options(cfg: Config) -> dict:
+    opts = dict(remax.OFFICIAL if cfg.preset == "official" else remax.ALGORITHM_1)
+    for k in ("kl", "beta", "gamma", "clip", "norm"):
+        if getattr(cfg, k) is not None:
+            opts[k] = getattr(cfg, k)
+    return opts
+
+
+def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
+    """Algorithm 1 under FSDP2: one optimizer step per freshly generated batch (on-policy, as official).
+
+    reward_fn: any callable (prompt, prompt_mask, response, response_mask) -> [B] rewards (reward.py);
+    default: the reward model at --reward_model. gold: an optional (prompt, response) -> float evaluated
+    on greedy responses of held-out prompts (the built-in task's programmatic score).
+    """
+    out = start_run(cfg, ctx)
+    tok = Tokenizer(cfg.tokenizer or cfg.policy)
+    train_prompts, eval_prompts = load_prompts(cfg, tok, ctx)
+    policy = load_model(cfg.policy, cfg, ctx, trainable=True)
+    ref = load_model(cfg.policy, cfg, ctx, trainable=False)      # pi_ref: the frozen SFT init
+    if reward_fn is None:
+        reward_fn = ModelReward(load_model(cfg.reward_model, cfg, ctx, trainable=False, reward=True))
+    opt = make_optimizer(policy, cfg)
+    gen = torch.Generator(ctx.device).manual_seed(cfg.seed)
+    opts = remax_options(cfg)
+    steps_per_epoch = len(train_prompts) // cfg.batch_size
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    if steps_per_epoch == 0:
+        raise ValueError(f"--data: {len(train_prompts)} prompts are fewer than one batch (--batch_size {cfg.batch_size})")
+    start = load_checkpoint(policy, opt, gen, cfg) if cfg.resume else 0
+    metrics = Metrics(out / "metrics.jsonl", ctx, start)
+    log(ctx, f"[remax] {len(train_prompts)} prompts, {total} steps of {cfg.batch_size}, options {opts}")
+    evaluate = lambda: eval_policy(policy, ref, reward_fn, eval_prompts, tok, cfg, ctx, gold)
+    first = evaluate() if start == 0 else None
+    if first:
+        metrics.write({"step": 0, **{f"eval/{k}": v for k, v in first.items()}})
+        log(ctx, "[remax] before: " + fmt(first))
+    best, bad = -math.inf, 0
+    local = ctx.split(cfg.batch_size)
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        idx = data.batch_indices(len(train_prompts), cfg.batch_size, step, cfg.seed, ctx.rank, ctx.world)
+        prompt, prompt_mask = data.left_pad([train_prompts[i] for i in idx], tok_pad(tok), ctx.device)
+        with gathered(policy):                                                  # Algorithm 1 lines 3-5
+            ro = remax.rollout(policy, prompt, prompt_mask, reward_fn, baseline=cfg.baseline,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                               top_k=cfg.top_k, generator=gen, row_offset=local.start, total_rows=cfg.batch_size)
+        t_gen = time.perf_counter() - t0
+        with torch.no_grad():
+            ref_logp, _ = response_logprobs(ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)
+        logp, entropy = response_logprobs(policy, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)  # line 6
+        # pi_old = pi_theta: one step per batch, no dropout, so the sampling-time log-probs are these.
+        loss, stats = remax.remax_loss(logp, logp.detach(), ref_logp, ro.reward, ro.baseline, ro.response_mask, **opts)
+        finite = bool(torch.isfinite(ro.reward).all() and torch.isfinite(ro.baseline).all() and torch.isfinite(loss))
+        if not ctx.sum(0.0 if finite else 1.0):
+            # Token-mean is over the *global* batch: every rank's loss is rescaled so that FSDP's
+            # gradient average equals one process with the whole batch (world-size invariant).
+            if opts["norm"] == "token_mean":
+                n = ro.response_mask.sum().item()
+                loss = loss * n * ctx.world / ctx.sum(n)
+            loss.backward()                                                     # line 7
+            grad_norm = optimizer_step(policy, opt, cfg, lr_at(step, cfg, total))
+        else:
+            policy.zero_grad(set_to_none=True)
+            grad_norm = None
+        bad = bad + 1 if grad_norm is None else 0
+        row = {"step": step + 1, "loss": loss.item(), **stats, "entropy": masked_mean(entropy, ro.response_mask),
+               "grad_norm": grad_norm, "lr": lr_at(step, cfg, total), "skipped": grad_norm is None}
+        row = {**ctx.mean({k: float("nan") if v is None else float(v) for k, v in row.items()}), "step": step + 1}
+        if grad_norm is None:
+            row["bad_prompts"] = [int(i) for i in idx[~torch.isfinite(ro.reward[:len(idx)]).cpu()]] if not finite else []
+            log(ctx, f"[remax] step {step + 1}: non-finite reward/loss/grad norm, step skipped ({bad} in a row)")
+        dt = time.perf_counter() - t0
+        row.update(t_gen=t_gen, t_train=dt - t_gen, tokens_per_s=ctx.sum(ro.response_mask.sum().item()) / dt,
+                   peak_mem_gb=peak_memory_gb(ctx))
+        if (step + 1) % max(1, cfg.eval_every or total) == 0 or step + 1 == total:
+            ev = evaluate()
+            row.update({f"eval/{k}": v for k, v in ev.items()})
+            log(ctx, f"[remax] step {step + 1}: " + fmt(ev))
+            if ev["reward_greedy"] > best:
+                best = ev["reward_greedy"]
+                export(policy, out / "best", ctx, tok)
+            if cfg.target_kl and ev["kl"] >= cfg.target_kl:
+                log(ctx, f"[remax] eval KL {ev['kl']:.3f} reached --target_kl {cfg.target_kl}: stopping")
+                metrics.write(row)
+                break
+        metrics.write(row)
+        if step % 10 == 0 or step + 1 == total:
+            log(ctx, f"[remax] step {step + 1}/{total} loss {row['loss']:.4f} reward {row.get('reward_mean', 0):.3f} "
+                     f"baseline {row.get('baseline_mean', 0):.3f} kl {row.get('kl', 0):.4f} {dt:.2f}s")
+        if bad >= cfg.max_bad_steps:
+            raise SystemExit(f"[remax] {bad} consecutive non-finite steps (--max_bad_steps {cfg.max_bad_steps}): stopping; "
+                             "check the reward function and lower --lr")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(policy, opt, step + 1, gen, cfg, ctx)
+    export(policy, out / "final", ctx, tok)
+    log(ctx, f"[remax] wrote {out / 'final'} (best eval: {out / 'best'}), metrics {out / 'metrics.jsonl'}")
+    return {"before": first, "after": evaluate()}
+
+
+@torch.no_grad()
+def eval_policy(policy, ref, reward_fn, prompts, tok, cfg: Config, ctx: Dist, gold=None) -> dict:
+    """Reward of greedy and sampled responses on held-out prompts, and the sampled responses' KL to pi_ref."""
+    n = len(prompts) - len(prompts) % ctx.world
+    mine = prompts[ctx.rank * (n // ctx.world):(ctx.rank + 1) * (n // ctx.world)]
+    prompt, mask = data.left_pad(mine, tok_pad(tok), ctx.device)
+    g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
+    B = len(mine)
+    with gathered(policy):
+        resp, rmask = generate(policy, prompt, mask, cfg.max_new_tokens, n=2, generator=g, top_p=cfg.top_p,
+                               temperature=torch.tensor([cfg.temperature] * B + [0.0] * B), pad_id=tok_pad(tok),
+                               row_offset=ctx.rank * B, total_rows=n)
+    both_p, both_m = prompt.repeat(2, 1), mask.repeat(2, 1)
+    r = reward_fn(both_p, both_m, resp, rmask)
+    logp, _ = response_logprobs(policy, prompt, mask, resp[:B], rmask[:B])
+    ref_logp, _ = response_logprobs(ref, prompt, mask, resp[:B], rmask[:B])
+    kl = ((logp - ref_logp) * rmask[:B]).sum(-1)           # sequence KL estimate (k1), summed over tokens
+    stats = {"reward_sampled": r[:B].mean().item(), "reward_greedy": r[B:].mean().item(),
+             "kl": kl.mean().item(), "length_greedy": rmask[B:].sum(-1).float().mean().item()}
+    if gold is not None:
+        texts = tok.decode_batch(p[m].tolist() for p, m in zip(prompt, mask))
+        greedy = tok.decode_batch(x[m].tolist() for x, m in zip(resp[B:], rmask[B:]))
+        stats["gold_greedy"] = sum(gold(p, a) for p, a in zip(texts, greedy)) / B
+    return ctx.mean(stats)
+
+
+def masked_mean(x, mask) -> float:
+    return ((x * mask).sum() / mask.sum().clamp_min(1)).item()
+
+
+def peak_memory_gb(ctx: Dist) -> float:
+    if ctx.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(ctx.device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def fmt(d: dict) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in d.items())
+
+
+def tok_pad(tok: Tokenizer) -> int:
+    return tok.pad_id if tok.pad_id is not None else tok.eos_id
+
+
+def load_prompts(cfg: Config, tok: Tokenizer, ctx: Dist):
+    """Step-3 prompts x ~ rho (token ids), and the held-out evaluation prompts."""
+    records = data.read_prompts(cfg.data)
+    held = data.read_prompts(cfg.eval_data) if cfg.eval_data else records[-cfg.eval_size:]
+    if not cfg.eval_data:
+        records = records[:-cfg.eval_size]
+    train, counts = data.encode_prompts(tok, records, cfg.prompt_format, cfg.max_prompt_len)
+    held, _ = data.encode_prompts(tok, held, cfg.prompt_format, cfg.max_prompt_len)
+    log(ctx, f"[data] {cfg.data}: {len(train)} train / {len(held)} eval prompts, {counts['prompts_truncated']} "
+             f"truncated to their last {cfg.max_prompt_len} tokens, {len(train) % cfg.batch_size} left out per epoch")
+    return train, held[:cfg.eval_size]
+
+
+# --------------------------------------------------------------------------- steps 1 and 2: SFT and reward model
+
+def fit(cfg: Config, ctx: Dist, model, examples: list, loss_fn, name: str, eval_fn=None) -> Path:
+    """The supervised loop both SFT and RM training use: shuffle, shard, loss, clip, AdamW, cosine."""
+    out = Path(cfg.out_dir)
+    opt = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    total = cfg.max_steps or data.steps_per_epoch(len(examples), cfg.batch_size) * cfg.epochs
+    start = load_checkpoint(model, opt, gen, cfg) if cfg.resume else 0
+    metrics = Metrics(out / "metrics.jsonl", ctx, start)
+    ctx.split(cfg.batch_size)
+    log(ctx, f"[{name}] {len(examples)} examples, {total} steps of {cfg.batch_size}")
+    bad = 0
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        idx = data.batch_indices(len(examples), cfg.batch_size, step, cfg.seed, ctx.rank, ctx.world)
+        loss, stats = loss_fn(model, [examples[i] for i in idx])
+        lr = lr_at(step, cfg, total)
+        if not ctx.sum(0.0 if torch.isfinite(loss) else 1.0):      # every rank skips together
+            loss.backward()
+            grad_norm = optimizer_step(model, opt, cfg, lr)
+        else:
+            model.zero_grad(set_to_none=True)
+            grad_norm = None
+        bad = bad + 1 if grad_norm is None else 0
+        if bad >= cfg.max_bad_steps:
+            raise SystemExit(f"[{name}] {bad} consecutive non-finite steps (--max_bad_steps {cfg.max_bad_steps}): stopping")
+        row = ctx.mean({"loss": loss.item(), **stats})
+        row.update(step=step + 1, lr=lr, grad_norm=grad_norm, skipped=grad_norm is None, seconds=time.perf_counter() - t0)
+        if eval_fn and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total):
+            row.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
+        metrics.write(row)
+        if step % 20 == 0 or step + 1 == total:
+            log(ctx, f"[{name}] step {step + 1}/{total} " + fmt({k: v for k, v in row.items()
+                                                                 if isinstance(v, float) and k != "seconds"}))
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(model, opt, step + 1, gen, cfg, ctx)
+    return out
+
+
+def train_sft(cfg: Config, ctx: Dist) -> Path:
+    """Step 1: maximise log pi(response | prompt) on demonstrations (loss on response tokens and EOS only)."""
+    out = start_run(cfg, ctx)
+    tok = Tokenizer(cfg.tokenizer or cfg.policy)
+    examples, counts = data.encode_sft(tok, data.read_sft(cfg.data), cfg.prompt_format, cfg.max_prompt_len,
+                                       cfg.max_len - cfg.max_prompt_len)
+    log(ctx, f"[data] {cfg.data}: {len(examples)} SFT pairs, {counts}")
+    model = load_model(cfg.policy, cfg, ctx, trainable=True)
+
+    def loss_fn(model, batch):
+        tokens, mask, loss_mask = data.sft_batch(batch, tok_pad(tok), ctx.device)
+        targets = torch.cat([tokens[:, 1:], tokens[:, -1:]], 1)
+        logp, _ = model(tokens, mask=mask, targets=targets)
+        m = loss_mask[:, 1:]
+        n = m.sum().item()
+        # Token mean over the global batch, whatever the world size (see train_remax).
+        return -(logp[:, :-1] * m).sum() * ctx.world / ctx.sum(n), {"tokens": float(n)}
+    fit(cfg, ctx, model, examples, loss_fn, "sft")
+    export(model, out / "final", ctx, tok)
+    log(ctx, f"[sft] wrote {out / 'final'}")
+    return out / "final"
+
+
+def train_rm(cfg: Config, ctx: Dist) -> Path:
+    """Step 2: a reward model initialised from --policy, trained with the Bradley-Terry loss on preference pairs."""
+    out = start_run(cfg, ctx)
+    tok = Tokenizer(cfg.tokenizer or cfg.policy)
+    records = data.read_preferences(cfg.data)
+    held = data.read_preferences(cfg.eval_data) if cfg.eval_data else records[-cfg.eval_size:]
+    records = records if cfg.eval_data else records[:-cfg.eval_size]
+    enc = lambda r: data.encode_preferences(tok, r, cfg.prompt_format, cfg.max_prompt_len, cfg.max_len - cfg.max_prompt_len)
+    (examples, counts), (held, _) = enc(records), enc(held)
+    log(ctx, f"[data] {cfg.data}: {len(examples)} train / {len(held)} eval pairs, {counts}")
+    if ctx.rank == 0:
+        rm = RewardModel.init_from_policy(Transformer.from_pretrained(cfg.policy))
+        rm.save_pretrained(out / "init")
+    dist.barrier()
+    model = load_model(out / "init", cfg, ctx, trainable=True, reward=True)
+
+    def loss_fn(model, batch):
+        tokens, mask = data.preference_batch(batch, tok_pad(tok), ctx.device)
+        r = model(tokens, mask)
+        loss, acc = bradley_terry_loss(r[:len(batch)], r[len(batch):])
+        return loss, {"accuracy": acc.item(), "reward_chosen": r[:len(batch)].mean().item(),
+                      "reward_rejected": r[len(batch):].mean().item()}
+
+    @torch.no_grad()
+    def eval_fn(model):
+        n = len(held) - len(held) % ctx.world
+        _, stats = loss_fn(model, held[ctx.rank * (n // ctx.world):(ctx.rank + 1) * (n // ctx.world)])
+        return ctx.mean({"accuracy": stats["accuracy"]})
+    fit(cfg, ctx, model, examples, loss_fn, "rm", eval_fn)
+    export(model, out / "final", ctx, tok)
+    log(ctx, f"[rm] wrote {out / 'final'}")
+    return out / "final"
+
+
+# --------------------------------------------------------------------------- the built-in demo
+
+DEMO_MODEL = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192, max_seq_len=64,
+                  bos_id=1, eos_id=2, pad_id=0)
+
+
+def demo(cfg: Config, ctx: Dist):
+    """All three steps on the built-in task (data.synthetic_task), with a tiny model, on a CPU in minutes.
+
+    The task: answer a few letters with each of them once. SFT imitates a sloppy demonstrator, the RM
+    learns noisy preferences, and ReMax should raise both the RM's and the gold score of greedy answers.
+    """
+    root = Path(cfg.out_dir if cfg.out_dir != Config.out_dir else "out/demo")
+    names = {"sft": "sft.jsonl", "rm": "preferences.jsonl", "remax": "prompts.jsonl", "eval": "eval_prompts.jsonl"}
+    files = {k: root / "data" / v for k, v in names.items()}
+    if ctx.rank == 0:
+        data.write_synthetic_jsonl(root / "data", seed=cfg.seed)
+        tok_dir = data.write_char_tokenizer(root / "tokenizer")
+        init = Transformer(ModelConfig(**DEMO_MODEL)).init_weights(generator=torch.Generator().manual_seed(cfg.seed))
+        init.save_pretrained(root / "init", extra_files=Tokenizer(tok_dir).files())
+    dist.barrier()
+    common = dict(seed=cfg.seed, device=cfg.device, max_prompt_len=16, max_len=32, prompt_format="chat",
+                  weight_decay=0.0, eval_size=64)
+    sft = train_sft(Config(stage="sft", policy=str(root / "init"), data=str(files["sft"]), out_dir=str(root / "sft"),
+                           lr=3e-3, batch_size=32, epochs=2, warmup_steps=10, **common), ctx)
+    rm = train_rm(Config(stage="rm", policy=str(sft), data=str(files["rm"]), out_dir=str(root / "rm"),
+                         lr=1e-3, batch_size=32, epochs=1, warmup_steps=10, **common), ctx)
+    result = train_remax(Config(stage="remax", policy=str(sft), reward_model=str(rm), data=str(files["remax"]),
+                                eval_data=str(files["eval"]), out_dir=str(root / "remax"), lr=cfg.lr if cfg.lr != Config.lr else 2e-4,
+                                batch_size=32, max_steps=cfg.max_steps or 60, eval_every=20, max_new_tokens=12,
+                                preset=cfg.preset, top_p=1.0, beta=0.01, **common), ctx, gold=data.gold_score)
+    if ctx.rank == 0:
+        show_samples(Path(sft), root / "remax" / "final", files["eval"])
+        b, a = result["before"], result["after"]
+        print("\n            RM score (greedy)   gold score (greedy)   KL to SFT")
+        print(f"SFT         {b['reward_greedy']:8.3f}          {b['gold_greedy']:8.3f}              {b['kl']:.3f}")
+        print(f"ReMax       {a['reward_greedy']:8.3f}          {a['gold_greedy']:8.3f}              {a['kl']:.3f}")
+        print(f"\nmetrics: {root}/{{sft,rm,remax}}/metrics.jsonl; checkpoints (HF layout): {root}/{{sft,rm,remax}}/final")
+    return result
+
+
+def show_samples(sft_path: Path, remax_path: Path, eval_file: Path, n: int = 5):
+    tok = Tokenizer(sft_path)
+    records = data.read_prompts(eval_file)[:n]
+    ids, _ = data.encode_prompts(tok, records, "chat", 16)
+    prompt, mask = data.left_pad(ids, tok_pad(tok))
+    print("\nprompt     SFT answer (gold)        ReMax answer (gold)")
+    answers = []
+    for path in (sft_path, remax_path):
+        resp, rmask = generate(Transformer.from_pretrained(path).eval(), prompt, mask, 12, temperature=0.0)
+        answers.append(tok.decode_batch(r[m].tolist() for r, m in zip(resp, rmask)))
+    for r, a, b in zip(records, *answers):
+        x = r["messages"][0]["content"]
+        print(f"{x:10s} {a:12s} ({data.gold_score(x, a):.2f})     {b:12s} ({data.gold_score(x, b):.2f})")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    stages = {"demo": demo, "sft": train_sft, "rm": train_rm, "remax": train_remax}
+    if cfg.stage not in stages:
+        raise SystemExit(f"--stage: expected one of {', '.join(stages)}, got {cfg.stage!r}")
+    need = {"sft": ("policy", "data"), "rm": ("policy", "data"), "remax": ("policy", "reward_model", "data")}
+    for flag in need.get(cfg.stage, ()):
+        if not getattr(cfg, flag):
+            raise SystemExit(f"--{flag} is required for --stage {cfg.stage}")
+    if cfg.example and cfg.example not in ("smollm2-sentiment",):
+        raise SystemExit(f"--example: expected smollm2-sentiment, got {cfg.example!r}")
+    ctx = Dist(cfg.device)
+    try:
+        if cfg.example:
+            import convert
+            convert.smollm2_sentiment(cfg, ctx)
+        else:
+            stages[cfg.stage](cfg, ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
