@@ -72,13 +72,13 @@ def _rows(path):
         for i, raw in enumerate(f, 1):
             where = f"{path}:{i}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")    # a leading BOM is no data
             except UnicodeDecodeError:
                 raise ValueError(f"{where}: not UTF-8 text (expected one JSON object per line)") from None
             if not line.strip():
                 continue                            # a blank line holds no example: nothing is skipped
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))     # so that colno counts within this line
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno}); "
                                  "expected one JSON object per line") from None
@@ -133,7 +133,8 @@ def _prompt_messages(value, where) -> tuple[list[dict], bool]:
 
 def _messages(value, where) -> list[dict]:
     if not isinstance(value, list):
-        raise ValueError(f"{where}: expected a list of {{'role', 'content'}} messages, got {type(value).__name__}")
+        raise ValueError(f"{where}: expected a string or a list of {{'role', 'content'}} messages, "
+                         f"got {type(value).__name__}")
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
             raise ValueError(f"{where}[{i}]: expected {{'role': 'system'|'user'|'assistant', 'content': str}}, "
@@ -194,7 +195,9 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     """The checkpoint's chat_template rendered as transformers' apply_chat_template does: jinja2's
     ImmutableSandboxedEnvironment (templates are untrusted code), trim_blocks, lstrip_blocks, the
     loopcontrols extension, `raise_exception`, `strftime_now`, a non-escaping `tojson`, and the
-    special-token strings (bos_token, eos_token, pad_token) as variables. Needs jinja2 >= 3.1.6."""
+    special-token strings (bos_token, eos_token, pad_token) as variables. Unsafe attribute access
+    (__class__, __globals__, ...) raises instead of rendering as an empty string; every failure is one
+    ValueError "chat_template: ...". Needs jinja2 >= 3.1.6."""
     try:
         import jinja2
     except ImportError:
@@ -205,6 +208,8 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
                                                   add_generation_prompt=add_generation_prompt, **special_tokens)
     except jinja2.TemplateError as e:
         raise ValueError(f"chat_template: {e}") from None
+    except Exception as e:                  # the template is untrusted code: any failure is the template's
+        raise ValueError(f"chat_template: {type(e).__name__}: {e}") from None
 
 
 @lru_cache(maxsize=8)
@@ -212,12 +217,19 @@ def _compile_template(template: str):
     import datetime
     import jinja2
     import jinja2.ext
+    from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise jinja2.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class Sandbox(ImmutableSandboxedEnvironment):
+        """Refuses unsafe attributes (__class__, __subclasses__, ...) outright: the stock sandbox renders
+        `{{ x.__class__ }}` as an empty string and only fails once the result is used."""
+        def unsafe_undefined(self, obj, attribute):
+            raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.datetime.now().strftime(f))
@@ -253,7 +265,8 @@ def encode_prompts(tok, records, fmt="auto", max_len=256, overlong="truncate") -
     """Token ids of each formatted prompt, and the counts {"prompts_truncated": n, ...}.
 
     overlong="truncate" keeps an over-long prompt's last max_len tokens (official step 3, which keeps
-    max_len - 1 and so also drops the BOS); overlong="reject" raises, naming the record's file and line.
+    max_len - 1 and so also drops the BOS); overlong="error" (or "reject") raises, naming the record's
+    file and line.
     """
     examples, counts = _encode(tok, records, (), fmt, max_len, 0, overlong)
     return [p for p, in examples], counts
@@ -266,7 +279,7 @@ def encode_sft(tok, records, fmt="auto", max_prompt_len=256, max_response_len=25
     The response tokens are those of the whole text after the prompt's tokens, as the policy will
     generate them (or, if the tokenizer merges across that boundary, the response encoded alone). A
     response longer than max_response_len (EOS included) keeps its first max_response_len tokens and
-    no EOS, so a truncated answer is never taught to end there; overlong="reject" raises instead.
+    no EOS, so a truncated answer is never taught to end there; overlong="error" raises instead.
     """
     return _encode(tok, records, ("response",), fmt, max_prompt_len, max_response_len, overlong)
 
@@ -278,9 +291,12 @@ def encode_preferences(tok, records, fmt="auto", max_prompt_len=256, max_respons
 
 
 def _encode(tok, records, keys, fmt, max_prompt_len, max_response_len, overlong):
-    if overlong not in ("truncate", "reject"):
-        raise ValueError(f"overlong: expected 'truncate' or 'reject', got {overlong!r}")
+    if overlong not in ("truncate", "error", "reject"):
+        raise ValueError(f"overlong: expected 'truncate' or 'error', got {overlong!r}")
     fmt = resolve_format(fmt, tok)
+    if keys and tok.eos_id is None:
+        raise ValueError("the tokenizer has no eos_token (tokenizer_config.json or config.json eos_token_id); "
+                         "every response ends with EOS")
     counts = {"prompts_truncated": 0, "responses_truncated": 0}
     out = []
     for r in records:
@@ -300,7 +316,7 @@ def _prompt_ids(tok, record, fmt, max_len, overlong, counts) -> tuple[list[int],
     # A chat template writes the BOS itself, so its text is encoded without the tokenizer's specials.
     ids = tok.encode(text, add_special_tokens=fmt != "chat")
     if len(ids) > max_len:
-        if overlong == "reject":
+        if overlong != "truncate":
             raise ValueError(f"{where}: prompt has {len(ids)} tokens, more than the maximum {max_len}")
         ids = ids[len(ids) - max_len:]
         counts["prompts_truncated"] += 1
@@ -314,7 +330,7 @@ def _response_ids(tok, record, key, prompt_text, fmt, max_len, overlong, counts)
     whole = tok.encode(prompt_text + text, add_special_tokens=special)
     ids = whole[len(head):] if whole[:len(head)] == head else tok.encode(text, add_special_tokens=False)
     if len(ids) + 1 > max_len:
-        if overlong == "reject":
+        if overlong != "truncate":
             raise ValueError(f"{record.get('source', 'record')}: {key} has {len(ids) + 1} tokens with EOS, "
                              f"more than the maximum {max_len}")
         counts["responses_truncated"] += 1
@@ -395,6 +411,9 @@ def split_records(records: list, weights=(2, 4, 4), seed: int = 1234) -> list[li
         bounds.append(bounds[-1] + int(round(w / sum(weights) * n)))
     excess = bounds[-1] - n
     bounds = [0] + [b - excess for b in bounds[1:]]
+    if any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"split {weights} of {n} records: the rounding excess {excess} is more than the first "
+                         "part holds; use more records")
     order = np.arange(n, dtype=np.uint32)
     np.random.RandomState(seed).shuffle(order)
     return [[records[i] for i in order[a:b]] for a, b in zip(bounds, bounds[1:])]

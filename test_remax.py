@@ -10,6 +10,9 @@ from model import (ModelConfig, Tokenizer, Transformer, generate, positions_from
     sample_next)
 from reward import (ModelReward, RetokenizedReward, RewardModel, TextReward, bradley_terry_loss, freeze,
     mistral_to_ultrarm)
+import numpy as np
+import data
+from model import Tokenizer
 
 
 def _model_tiny(**kw):
@@ -567,3 +570,480 @@ def test_bad_reward_checkpoints_raise_one_clear_error(tmp_path, config, tensors,
     with pytest.raises(ValueError) as e:
         RewardModel.from_pretrained(path)
     assert message in str(e.value) and str(path) in str(e.value)
+
+
+# --------------------------------------------------------------------------- data
+# data.py's claims: readers, prompt formats, tokenization, batching, the paper's split, the built-in task.
+
+
+def _data_write(path, rows):
+    """Rows (dicts, or raw strings written as is) as a JSONL file."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _data_char_tok(tmp_path, chat_template=True):
+    folder = data.write_char_tokenizer(tmp_path / "tok")
+    if not chat_template:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        del cfg["chat_template"]
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return Tokenizer(folder)
+
+
+def _data_ids(text):
+    """The char tokenizer's ids of plain text (specials: <pad> 0, <s> 1, </s> 2, <unk> 3)."""
+    return [len(data.SPECIALS) + data.CHARS.index(c) for c in text]
+
+
+def _data_user(text):
+    return {"role": "user", "content": text}
+
+
+def _data_assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+# --------------------------------------------------------------------------- 1. JSONL readers
+
+def test_prompt_reader_accepts_prompt_messages_and_hh_layouts(tmp_path):
+    path = _data_write(tmp_path / "p.jsonl", [
+        {"prompt": "Hi there"},
+        {"messages": [{"role": "system", "content": "Be brief."}, _data_user("Why?")]},
+        "",                                     # a blank line is skipped but still counted in `source`
+        {"messages": [_data_user("q"), _data_assistant("a")]},           # the final answer is not prompt
+        {"prompt": "\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2\n\nAssistant:", "chosen": " x", "rejected": " y"},
+    ])
+    got = data.read_prompts(path)
+    assert [r["messages"] for r in got] == [
+        [_data_user("Hi there")],
+        [{"role": "system", "content": "Be brief."}, _data_user("Why?")],
+        [_data_user("q")],
+        [_data_user("q1"), _data_assistant("a1"), _data_user("q2")],
+    ]
+    assert [r["source"] for r in got] == [f"{path}:{i}" for i in (1, 2, 4, 5)]
+    assert all(set(r) == {"messages", "source"} for r in got)
+
+
+def test_sft_reader_takes_response_final_assistant_turn_or_dahoas_chosen(tmp_path):
+    path = _data_write(tmp_path / "sft.jsonl", [
+        {"prompt": "2+2?", "response": " 4"},                            # a plain prompt keeps its spaces
+        {"messages": [_data_user("hello"), _data_assistant("hi!")]},
+        {"prompt": "\n\nHuman: Name a color.\n\nAssistant:", "response": " Blue.", "chosen": " x", "rejected": " y"},
+        {"prompt": "\n\nHuman: Name a fruit.\n\nAssistant:", "chosen": " Apple.", "rejected": " Rock."},
+    ])
+    got = data.read_sft(path)
+    assert [(r["messages"], r["response"]) for r in got] == [
+        ([_data_user("2+2?")], " 4"),
+        ([_data_user("hello")], "hi!"),
+        ([_data_user("Name a color.")], "Blue."),       # the space after "Assistant:" belongs to the HH format
+        ([_data_user("Name a fruit.")], "Apple."),      # official step 1 trains on prompt + chosen
+    ]
+
+
+def test_preference_reader_dahoas_raw_hh_and_conversation_rows(tmp_path):
+    path = _data_write(tmp_path / "pref.jsonl", [
+        # Dahoas rm-static / full-hh-rlhf
+        {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell a joke.\n\nAssistant:",
+         "response": " r", "chosen": " A pun.", "rejected": " No."},
+        # raw Anthropic HH: two full transcripts, split at the last "\n\nAssistant:"
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell a joke.\n\nAssistant: A pun.",
+         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell a joke.\n\nAssistant: No."},
+        # conversations: chosen / rejected end with the assistant's answer
+        {"chosen": [_data_user("Tell a joke."), _data_assistant("A pun.")],
+         "rejected": [_data_user("Tell a joke."), _data_assistant("No.")]},
+        {"prompt": "Tell a joke.", "chosen": [_data_user("Tell a joke."), _data_assistant("A pun.")],
+         "rejected": "No."},
+    ])
+    got = data.read_preferences(path)
+    hh = [_data_user("Hi"), _data_assistant("Hello!"), _data_user("Tell a joke.")]
+    assert [(r["messages"], r["chosen"], r["rejected"]) for r in got] == [
+        (hh, "A pun.", "No."), (hh, "A pun.", "No."),
+        ([_data_user("Tell a joke.")], "A pun.", "No."), ([_data_user("Tell a joke.")], "A pun.", "No."),
+    ]
+    # an HH answer that itself contains "Assistant:" mid-line stays whole: only "\n\nAssistant:" splits
+    row = {"chosen": "\n\nHuman: q\n\nAssistant: say Assistant: ok", "rejected": "\n\nHuman: q\n\nAssistant: no"}
+    (r,) = data.read_preferences(_data_write(tmp_path / "one.jsonl", [row]))
+    assert (r["messages"], r["chosen"], r["rejected"]) == ([_data_user("q")], "say Assistant: ok", "no")
+
+
+def test_write_jsonl_reads_back_to_the_same_records(tmp_path):
+    records = [
+        {"messages": [_data_user("abc")], "chosen": "abc", "rejected": "ab"},
+        {"messages": [{"role": "system", "content": "s"}, _data_user("q"), _data_assistant("a"), _data_user("é")],
+         "chosen": "x", "rejected": "y"},
+    ]
+    path = data.write_jsonl(tmp_path / "sub" / "out.jsonl", records)
+    assert json.loads(path.read_text().splitlines()[0]) == {"prompt": "abc", "chosen": "abc", "rejected": "ab"}
+    back = data.read_preferences(path)
+    assert [{k: v for k, v in r.items() if k != "source"} for r in back] == records
+
+
+def test_a_leading_utf8_bom_is_not_data(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "hi"}\n')
+    assert data.read_prompts(path)[0]["messages"] == [_data_user("hi")]
+
+
+# --------------------------------------------------------------------------- 2. prompt formats
+
+def test_hh_format_round_trips_and_matches_dahoas_prompts():
+    messages = [{"role": "system", "content": "Legacy preamble."}, _data_user("q1"), _data_assistant("a1"),
+                _data_user("q2")]
+    text = data.format_hh(messages)
+    assert text == "Legacy preamble.\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2\n\nAssistant:"
+    assert data.parse_hh(text) == messages
+    assert data.format_hh([_data_user("What is 2+2?")]) == "\n\nHuman: What is 2+2?\n\nAssistant:"
+
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+          "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+          "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+          "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+          "{% if loop.index0 == 0 and system_message != false %}"
+          "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+          "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+          "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+          "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+# block tags on their own indented lines: renders right only with trim_blocks + lstrip_blocks; tojson, break
+MULTILINE = """{% for m in messages %}
+    {% if m['role'] == 'system' %}
+        {% continue %}
+    {% endif %}
+    <{{ m['role'] }}>{{ m['content'] | tojson }}
+    {% if loop.index > 3 %}{% break %}{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}<assistant>{% endif %}"""
+CONVERSATIONS = [
+    [_data_user("Hi")],
+    [{"role": "system", "content": "Be terse."}, _data_user("Hi"), _data_assistant("Hello."), _data_user(" Why? ")],
+    [_data_user("é \"quoted\" </s>"), _data_assistant("ok"), _data_user("x"), _data_assistant("y"), _data_user("z")],
+]
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama2", "multiline"])
+def test_chat_template_renders_as_transformers_apply_chat_template(tmp_path, name):
+    transformers = pytest.importorskip("transformers")
+    template = {"chatml": CHATML, "llama2": LLAMA2, "multiline": MULTILINE}[name]
+    theirs = transformers.PreTrainedTokenizerFast.from_pretrained(data.write_char_tokenizer(tmp_path / "tok"))
+    for messages in CONVERSATIONS:
+        for gen in (True, False):
+            want = theirs.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                              add_generation_prompt=gen)
+            got = data.render_chat_template(template, messages, add_generation_prompt=gen,
+                                            bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+            assert got == want
+    assert data.render_chat_template(LLAMA2, CONVERSATIONS[1], bos_token="<s>", eos_token="</s>") == (
+        "<s>[INST] <<SYS>>\nBe terse.\n<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] Why? [/INST]")
+    assert data.render_chat_template(CHATML, CONVERSATIONS[0]) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n")
+
+
+def test_chat_template_raise_exception_is_one_value_error_like_transformers(tmp_path):
+    bad = [_data_user("a"), _data_user("b")]
+    with pytest.raises(ValueError, match=r"^chat_template: Conversation roles must alternate user/assistant"):
+        data.render_chat_template(LLAMA2, bad, bos_token="<s>", eos_token="</s>")
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.PreTrainedTokenizerFast.from_pretrained(data.write_char_tokenizer(tmp_path / "tok"))
+    with pytest.raises(Exception, match="Conversation roles must alternate"):
+        theirs.apply_chat_template(bad, chat_template=LLAMA2, tokenize=False)
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__ }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ messages.__class__.__base__.__subclasses__() }}",
+    "{{ raise_exception.__globals__ }}",
+    "{{ cycler.__init__.__globals__.os }}",
+    "{% set x = messages.append(1) %}{{ messages }}",
+    "{{ messages[0].update({'role': 'x'}) }}",
+])
+def test_chat_template_sandbox_refuses_unsafe_code(template):
+    messages = [_data_user("hi")]
+    with pytest.raises(ValueError, match=r"^chat_template: .*unsafe") as e:
+        data.render_chat_template(template, messages)
+    assert "\n" not in str(e.value)
+    assert messages == [_data_user("hi")]
+
+
+def test_chat_template_errors_are_one_value_error():
+    with pytest.raises(ValueError, match=r"^chat_template: "):
+        data.render_chat_template("{% for %}", [_data_user("hi")])                   # syntax error
+    with pytest.raises(ValueError, match=r"^chat_template: TypeError: "):
+        data.render_chat_template("{{ messages[0]['content'] + 1 }}", [_data_user("hi")])
+
+
+def test_format_prompt_chat_hh_plain_and_auto(tmp_path):
+    tok = _data_char_tok(tmp_path / "a")
+    no_template = _data_char_tok(tmp_path / "b", chat_template=False)
+    conv = [_data_user("abc"), _data_assistant("ab"), _data_user("c")]
+    # the checkpoint's own template, with its special-token strings
+    assert data.format_prompt(conv, "chat", tok) == "<s>abc=ab</s>c="
+    assert data.format_prompt(conv, "hh", tok) == "\n\nHuman: abc\n\nAssistant: ab\n\nHuman: c\n\nAssistant:"
+    assert data.format_prompt([_data_user("abc")], "plain", tok) == "abc"
+    assert data.resolve_format("auto", tok) == "chat" and data.resolve_format("auto", no_template) == "hh"
+    assert data.format_prompt([_data_user("abc")], "auto", no_template) == "\n\nHuman: abc\n\nAssistant:"
+    with pytest.raises(ValueError, match="prompt format 'chat': the tokenizer has no chat_template"):
+        data.format_prompt(conv, "chat", no_template)
+    with pytest.raises(ValueError, match="'plain' takes one user message, got 3 turns"):
+        data.format_prompt(conv, "plain", tok)
+    with pytest.raises(ValueError, match=r"prompt format: expected one of .*got 'markdown'"):
+        data.format_prompt(conv, "markdown", tok)
+    # the char template refuses system turns through raise_exception
+    with pytest.raises(ValueError, match="only user and assistant turns"):
+        data.format_prompt([{"role": "system", "content": "s"}, _data_user("a")], "chat", tok)
+
+
+# --------------------------------------------------------------------------- 3. tokenization and batches
+
+def test_encode_prompts_per_format_and_keeps_last_tokens_of_overlong_prompts(tmp_path):
+    tok = _data_char_tok(tmp_path)
+    recs = [{"messages": [_data_user("abc")], "source": "x:1"}, {"messages": [_data_user("abcdefgh")], "source": "x:2"}]
+    ids, counts = data.encode_prompts(tok, recs, "chat", max_len=8)
+    # the template writes the BOS itself: "<s>abc=" -> [1, a, b, c, =]; the long one keeps its last 8 tokens
+    assert ids == [[1, *_data_ids("abc=")], _data_ids("bcdefgh=")] and counts["prompts_truncated"] == 1
+    ids, counts = data.encode_prompts(tok, recs[:1], "plain", max_len=8)
+    assert ids == [[1, *_data_ids("abc")]] and counts["prompts_truncated"] == 0       # BOS from the post-processor
+    ids, _ = data.encode_prompts(tok, recs[:1], "hh", max_len=64)
+    assert ids == [[1, *_data_ids("\n\nHuman: abc\n\nAssistant:")]]
+    ids, counts = data.encode_prompts(tok, recs, "hh", max_len=5)
+    assert ids == [_data_ids("tant:")] * 2 and counts["prompts_truncated"] == 2
+    with pytest.raises(ValueError, match=r"^x:2: prompt has 10 tokens, more than the maximum 8$"):
+        data.encode_prompts(tok, recs, "chat", max_len=8, overlong="error")
+    with pytest.raises(ValueError, match=r"^x:2: prompt has 10 tokens"):
+        data.encode_prompts(tok, recs, "chat", max_len=8, overlong="reject")          # the older name
+    with pytest.raises(ValueError, match="overlong: expected 'truncate' or 'error', got 'drop'"):
+        data.encode_prompts(tok, recs, "chat", max_len=8, overlong="drop")
+
+
+def test_encode_sft_and_preferences_append_eos_and_truncate_responses(tmp_path):
+    tok = _data_char_tok(tmp_path)
+    r = {"messages": [_data_user("abc")], "response": "abcdef", "chosen": "abc", "rejected": "ab", "source": "s:3"}
+    (ex,), counts = data.encode_sft(tok, [r], "chat", max_prompt_len=16, max_response_len=16)
+    assert ex == ([1, *_data_ids("abc=")], [*_data_ids("abcdef"), tok.eos_id])
+    assert counts == {"prompts_truncated": 0, "responses_truncated": 0}
+    # HH: the space after "Assistant:" is the format's, so it is the response's first token
+    (ex,), _ = data.encode_sft(tok, [r], "hh", max_prompt_len=64, max_response_len=16)
+    assert ex[1] == [*_data_ids(" abcdef"), tok.eos_id]
+    # an over-long response keeps its first tokens and no EOS (never taught to stop there), counted
+    (ex,), counts = data.encode_sft(tok, [r], "chat", max_prompt_len=16, max_response_len=4)
+    assert ex[1] == _data_ids("abcd") and counts["responses_truncated"] == 1
+    (ex,), counts = data.encode_sft(tok, [r], "chat", max_prompt_len=16, max_response_len=7)   # 6 + EOS fits
+    assert ex[1] == [*_data_ids("abcdef"), 2] and counts["responses_truncated"] == 0
+    with pytest.raises(ValueError, match=r"^s:3: response has 7 tokens with EOS, more than the maximum 4$"):
+        data.encode_sft(tok, [r], "chat", max_prompt_len=16, max_response_len=4, overlong="error")
+    (ex,), counts = data.encode_preferences(tok, [r], "chat", max_prompt_len=3, max_response_len=3)
+    assert ex == (_data_ids("bc="), _data_ids("abc"), [*_data_ids("ab"), 2])
+    assert counts == {"prompts_truncated": 1, "responses_truncated": 1}
+
+
+def test_response_tokens_are_what_follows_the_prompt_or_the_response_alone_if_merged(tmp_path):
+    from tokenizers import Tokenizer as T, models, pre_tokenizers
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "c": 4, "ab": 5, "abc": 6, "bc": 7, " ": 8}
+    tok = T(models.BPE(vocab, [("a", "b"), ("ab", "c"), ("b", "c")]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "</s>"])
+    folder = tmp_path / "bpe"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = Tokenizer(folder)
+    rec = lambda p, r: {"messages": [_data_user(p)], "response": r, "source": "m:1"}
+    # "ab" + "c" encodes as one token "abc": the response is then "c" encoded alone, never a split token
+    (ex,), _ = data.encode_sft(tok, [rec("ab", "c")], "plain")
+    assert ex == ([5], [4, 1])
+    (ex,), _ = data.encode_sft(tok, [rec("ab", " bc")], "plain")            # no merge: the tokens after the prompt
+    assert ex == ([5], [7, 1])
+
+
+def test_left_pad_sft_batch_and_preference_batch():
+    tokens, mask = data.left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert tokens.tolist() == [[5, 6, 7], [0, 0, 8]] and tokens.dtype == torch.long
+    assert mask.tolist() == [[True, True, True], [False, False, True]] and mask.dtype == torch.bool
+    tokens, mask, loss_mask = data.sft_batch([([1, 8, 9], [10, 2]), ([1], [8, 2])], pad_id=0)
+    assert tokens.tolist() == [[1, 8, 9, 10, 2], [1, 8, 2, 0, 0]]
+    assert mask.int().tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert loss_mask.int().tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 0, 0]] and loss_mask.dtype == torch.bool
+    tokens, mask = data.preference_batch([([1, 8], [9, 2], [10, 11, 2]), ([1], [8, 2], [2])], pad_id=0)
+    assert tokens.tolist() == [[1, 8, 9, 2, 0], [1, 8, 2, 0, 0], [1, 8, 10, 11, 2], [1, 2, 0, 0, 0]]
+    assert mask.sum(-1).tolist() == [4, 3, 5, 2]
+
+
+def test_batch_indices_shard_by_rank_and_cover_each_epoch_once():
+    n, B = 24, 6
+    steps = data.steps_per_epoch(n, B)
+    assert steps == 4
+    for step in range(2 * steps):
+        one = data.batch_indices(n, B, step, seed=7)
+        assert one.dtype == torch.long and len(one) == B
+        for world in (2, 3):
+            shards = [data.batch_indices(n, B, step, seed=7, rank=r, world=world) for r in range(world)]
+            assert torch.equal(torch.cat(shards), one)
+    epoch = lambda e, seed=7: torch.cat([data.batch_indices(n, B, e * steps + i, seed) for i in range(steps)])
+    assert sorted(epoch(0).tolist()) == list(range(n)) == sorted(epoch(1).tolist())   # each example once
+    assert not torch.equal(epoch(0), epoch(1))                                         # reshuffled each epoch
+    assert torch.equal(epoch(0), epoch(0)) and not torch.equal(epoch(0), epoch(0, seed=8))
+    # n % B examples (a different random subset each epoch) are left out; none is seen twice
+    firsts = [torch.cat([data.batch_indices(10, 4, e * 2 + i, 0) for i in range(2)]).tolist() for e in range(4)]
+    assert all(len(set(f)) == 8 for f in firsts)
+    assert len({frozenset(range(10)) - frozenset(f) for f in firsts}) > 1
+    with pytest.raises(ValueError, match="batch size 6 must be divisible by the world size 4"):
+        data.batch_indices(n, B, 0, 0, rank=0, world=4)
+    with pytest.raises(ValueError, match="5 examples are fewer than one batch of 6"):
+        data.steps_per_epoch(5, 6)
+
+
+# --------------------------------------------------------------------------- 4. the paper's split
+
+def test_split_is_sft20_rm40_rl40_disjoint_and_deterministic():
+    records = list(range(1000))
+    sft, rm, rl = data.split_records(records)
+    assert (len(sft), len(rm), len(rl)) == (200, 400, 400)
+    assert sorted(sft + rm + rl) == records
+    # DeepSpeed-Chat's rows: numpy RandomState(1234) shuffles the indices, the parts are consecutive
+    order = np.arange(1000, dtype=np.uint32)
+    np.random.RandomState(1234).shuffle(order)
+    assert (sft, rm, rl) == (order[:200].tolist(), order[200:600].tolist(), order[600:].tolist())
+    assert data.split_records(records) == [sft, rm, rl]
+    assert data.split_records(records, seed=1) != [sft, rm, rl]
+    # rounding: 11 * (.2, .4, .4) rounds to 2 + 4 + 4, the missing row goes to the first part
+    assert [len(p) for p in data.split_records(list(range(11)))] == [3, 4, 4]
+    assert [len(p) for p in data.split_records(list(range(7)))] == [1, 3, 3]
+    with pytest.raises(ValueError, match="rounding excess 2 is more than the first part holds"):
+        data.split_records(list(range(4)), weights=(1,) * 6)
+
+
+# --------------------------------------------------------------------------- 5. the built-in task
+
+@pytest.mark.parametrize("prompt,response,want", [
+    ("abc", "abc", 1.0),
+    ("abc", " abc\n", 1.0),                                   # surrounding whitespace is not an answer
+    ("abc", "ab", 2 * 2 / 5),                                 # a missing letter
+    ("abc", "abcc", 2 * 3 / 7),                               # a repeated letter
+    ("abc", "cba", 2 * 1 / 6),                                # misplaced letters
+    ("abc", "axc", 2 * 2 / 6),                                # a wrong letter
+    ("abc", "", 0.0),
+    ("", "", 0.0),
+    ("\n\nHuman: bdf\n\nAssistant:", "bdf", 1.0),            # an HH-formatted prompt
+    ("bdf=", "bd", 2 * 2 / 5),                                # the chat-formatted prompt, specials skipped
+])
+def test_gold_score_known_cases(prompt, response, want):
+    assert data.gold_score(prompt, response) == pytest.approx(want)
+
+
+def test_synthetic_task_demos_are_imperfect_and_preferences_noisy(tmp_path):
+    task = data.synthetic_task(seed=0, n_sft=500, n_pref=600, n_rl=64, n_eval=32)
+    assert {k: len(v) for k, v in task.items()} == {"sft": 500, "rm": 600, "remax": 64, "eval": 32}
+    prompt = lambda r: r["messages"][0]["content"]
+    for r in task["sft"] + task["rm"] + task["remax"] + task["eval"]:
+        x = prompt(r)
+        assert 3 <= len(x) <= 6 and x == "".join(sorted(set(x))) and set(x) <= set(data.ALPHABET)
+    held = {prompt(r) for r in task["remax"]} | {prompt(r) for r in task["eval"]}
+    assert len(held) == 96                                     # distinct, RL and eval disjoint
+    assert not held & {prompt(r) for r in task["sft"] + task["rm"]}
+    # the SFT demonstrator is imperfect: its mean gold is well below the best answer's 1
+    gold = [data.gold_score(prompt(r), r["response"]) for r in task["sft"]]
+    assert 0.3 < np.mean(gold) < 0.8 and max(gold) == 1.0
+    # preferences mostly, not always, prefer the higher gold score: the RM only approximates gold
+    margins = [data.gold_score(prompt(r), r["chosen"]) - data.gold_score(prompt(r), r["rejected"])
+               for r in task["rm"]]
+    wins = np.mean([m > 0 for m in margins if m != 0])
+    assert 0.6 < wins < 0.97
+    assert task == data.synthetic_task(seed=0, n_sft=500, n_pref=600, n_rl=64, n_eval=32)
+    assert task["sft"] != data.synthetic_task(seed=1, n_sft=500, n_pref=600, n_rl=64, n_eval=32)["sft"]
+    with pytest.raises(ValueError, match="at most 5000 distinct held-out prompts"):
+        data.synthetic_task(n_rl=4000, n_eval=1001)
+
+
+def test_synthetic_files_and_char_tokenizer_work_with_the_readers(tmp_path):
+    files = data.write_synthetic_jsonl(tmp_path / "d", seed=3, n_sft=8, n_pref=8, n_rl=8, n_eval=4)
+    task = data.synthetic_task(seed=3, n_sft=8, n_pref=8, n_rl=8, n_eval=4)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "source"} for r in rs]
+    assert strip(data.read_sft(files["sft"])) == strip(task["sft"])
+    assert strip(data.read_preferences(files["rm"])) == strip(task["rm"])
+    assert strip(data.read_prompts(files["remax"])) == strip(task["remax"])
+    assert strip(data.read_prompts(files["eval"])) == strip(task["eval"])
+    tok = _data_char_tok(tmp_path)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, len(data.SPECIALS) + len(data.CHARS))
+    ((p, c, r),), _ = data.encode_preferences(tok, data.read_preferences(files["rm"])[:1], "auto")
+    assert tok.decode(p) == task["rm"][0]["messages"][0]["content"] + "="
+    assert tok.decode(c) == task["rm"][0]["chosen"] and c[-1] == tok.eos_id
+    # gold on the decoded chat prompt (what train.py's eval passes) equals gold on the raw prompt
+    x = task["rm"][0]["messages"][0]["content"]
+    assert data.gold_score(tok.decode(p), x) == data.gold_score(x, x) == 1.0
+
+
+# --------------------------------------------------------------------------- 6. bad input: one clear error line
+
+BAD_INPUT = {
+    # name: (file lines, reader, encode?, the message after "path:line: ")
+    "malformed_json": (['{"prompt": "a"}', '{"prompt": "b"', '{"prompt": "c"}'], "prompts", False,
+                       ":2: malformed JSON (Expecting ',' delimiter, column 15); expected one JSON object per line"),
+    "not_an_object": (['{"prompt": "a"}', '["a", "b"]'], "prompts", False, ":2: expected a JSON object, got list"),
+    "empty_file": ([], "prompts", False, ": empty file (expected one JSON object per line)"),
+    "blank_file": (["", "  "], "sft", False, ": empty file (expected one JSON object per line)"),
+    "not_utf8": ([b'{"prompt": "\xff"}'], "prompts", False, ":1: not UTF-8 text (expected one JSON object per line)"),
+    "no_prompt_field": (['{"prompt": "a"}', "", '{"text": "a"}'], "prompts", False,
+                        ":3: expected a 'prompt' or 'messages' field (or Anthropic HH 'chosen' and 'rejected' "
+                        "transcripts), got fields ['text']"),
+    "no_response": (['{"prompt": "a"}'], "sft", False,
+                    ":1: expected a 'response' (or 'chosen') field or a final assistant message"),
+    "no_rejected": (['{"prompt": "a", "chosen": "b"}'], "preferences", False,
+                    ":1: expected a 'rejected' field (preference pair: prompt, chosen, rejected)"),
+    "prompt_wrong_type": (['{"prompt": 5}'], "prompts", False,
+                          ":1: 'prompt': expected a string or a list of {'role', 'content'} messages, got int"),
+    "chosen_wrong_type": (['{"prompt": "q", "chosen": null, "rejected": "b"}'], "preferences", False,
+                          ":1: 'chosen': expected a string or a list of {'role', 'content'} messages, got NoneType"),
+    "bad_role": (['{"messages": [{"role": "bot", "content": "x"}]}'], "prompts", False,
+                 ":1: 'messages'[0]: expected {'role': 'system'|'user'|'assistant', 'content': str}, "
+                 "got {'role': 'bot', 'content': 'x'}"),
+    "content_not_str": (['{"messages": [{"role": "user", "content": ["x"]}]}'], "prompts", False,
+                        ":1: 'messages'[0]: expected {'role': 'system'|'user'|'assistant', 'content': str}, "
+                        "got {'role': 'user', 'content': ['x']}"),
+    "ends_with_assistant": (['{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'],
+                            "prompts", False, ":1: the prompt must end with a user turn (got assistant)"),
+    "hh_without_assistant": (['{"chosen": "\\n\\nHuman: q a", "rejected": "\\n\\nHuman: q b"}'], "preferences",
+                             False, ":1: 'chosen' and 'rejected' must be HH transcripts containing '\\n\\nAssistant:'"),
+    "hh_different_prompts": (['{"chosen": "\\n\\nHuman: q\\n\\nAssistant: a", '
+                              '"rejected": "\\n\\nHuman: p\\n\\nAssistant: b"}'], "preferences", False,
+                             ":1: 'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' "
+                             "(expected one shared prompt)"),
+    "empty_prompt": (['{"prompt": "a"}', '{"prompt": "  "}'], "prompts", True,
+                     ":2: empty prompt after formatting (chat); expected some text"),
+    "template_refuses_turn": (['{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]}'],
+                              "prompts", True, ":1: chat_template: only user and assistant turns"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_raises_one_clear_error_line_naming_file_and_line(tmp_path, case):
+    lines, kind, encode, message = BAD_INPUT[case]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"".join((l if isinstance(l, bytes) else l.encode()) + b"\n" for l in lines))
+    read = {"prompts": data.read_prompts, "sft": data.read_sft, "preferences": data.read_preferences}[kind]
+    with pytest.raises(ValueError) as e:
+        records = read(path)
+        assert encode, "read without error"
+        data.encode_prompts(_data_char_tok(tmp_path), records, "chat")
+    assert str(e.value) == f"{path}{message}"
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl: file not found \(expected a JSONL file"):
+        data.read_prompts(tmp_path / "nope.jsonl")
+
+
+def test_tokenizer_without_eos_is_refused_for_responses(tmp_path):
+    tok = _data_char_tok(tmp_path)
+    tok.eos_id = None
+    rec = {"messages": [_data_user("a")], "response": "b", "source": "s:1"}
+    data.encode_prompts(tok, [rec], "chat")                   # prompts need no EOS
+    with pytest.raises(ValueError, match="the tokenizer has no eos_token"):
+        data.encode_sft(tok, [rec], "chat")
