@@ -48,6 +48,7 @@ def token_weights(old_logprobs, ref_logprobs, reward, baseline, mask, *, kl="non
     gets gamma * (r - b), the first gamma^L * (r - b). gamma = 1 and beta = 0 give Algorithm 1.
     The clip acts on the difference (not on r and b), so adding c(x) to both leaves w unchanged.
     """
+    _check_options("token_weights", kl, beta, gamma, clip)
     m = mask.bool()
     dtype = torch.promote_types(old_logprobs.dtype, torch.float32)
     with torch.no_grad():
@@ -64,9 +65,20 @@ def token_weights(old_logprobs, ref_logprobs, reward, baseline, mask, *, kl="non
         return torch.where(m, w, 0.0)
 
 
-def _check(logprobs, old_logprobs, ref_logprobs, reward, baseline, mask, kl, norm):
+def _check_options(fn, kl, beta, gamma, clip):
+    # An unknown kl would otherwise act as "none", and a clip <= 0 would clamp every delta to -|clip|.
     if kl not in KL_MODES:
-        raise ValueError(f"remax_loss: kl must be one of {KL_MODES}, got {kl!r}")
+        raise ValueError(f"{fn}: kl must be one of {KL_MODES}, got {kl!r}")
+    if not beta >= 0:
+        raise ValueError(f"{fn}: beta must be >= 0, got {beta!r}")
+    if not 0 < gamma <= 1:
+        raise ValueError(f"{fn}: gamma must be in (0, 1], got {gamma!r}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"{fn}: clip must be None or > 0, got {clip!r}")
+
+
+def _check(logprobs, old_logprobs, ref_logprobs, reward, baseline, mask, kl, beta, gamma, clip, norm):
+    _check_options("remax_loss", kl, beta, gamma, clip)
     if norm not in NORMS:
         raise ValueError(f"remax_loss: norm must be one of {NORMS}, got {norm!r}")
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("mask", mask)):
@@ -91,7 +103,7 @@ def remax_loss(logprobs, old_logprobs, ref_logprobs, reward, baseline, mask, *, 
           "token_mean" Z = sum mask (mean over all response tokens of the batch: official code).
     Returns (loss, stats); no gradient reaches reward, baseline, old or ref log-probs.
     """
-    _check(logprobs, old_logprobs, ref_logprobs, reward, baseline, mask, kl, norm)
+    _check(logprobs, old_logprobs, ref_logprobs, reward, baseline, mask, kl, beta, gamma, clip, norm)
     m = mask.bool()
     w = token_weights(old_logprobs, ref_logprobs, reward, baseline, m, kl=kl, beta=beta, gamma=gamma, clip=clip)
     z = m.shape[0] if norm == "seq_sum" else m.sum().clamp_min(1)
@@ -164,6 +176,15 @@ def rollout(policy, prompt, prompt_mask, reward_fn, *, baseline="greedy", max_ne
     """
     if baseline not in BASELINES:
         raise ValueError(f"rollout: baseline must be one of {BASELINES}, got {baseline!r}")
+    # generate does not check these; max_new_tokens=0 would fail later with an unrelated index error.
+    if not max_new_tokens >= 1:
+        raise ValueError(f"rollout: max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"rollout: temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"rollout: top_p must be in (0, 1], got {top_p!r}")
+    if not top_k >= 0:
+        raise ValueError(f"rollout: top_k must be >= 0 (0 = off), got {top_k!r}")
     B = prompt.shape[0]
     n = 1 if baseline == "none" else 2
     temps = float(temperature)

@@ -3,16 +3,20 @@ import json
 import math
 import string
 
+import numpy as np
 import pytest
 import torch
 
-from model import (ModelConfig, Tokenizer, Transformer, generate, positions_from_mask, response_logprobs,
-    sample_next)
-from reward import (ModelReward, RetokenizedReward, RewardModel, TextReward, bradley_terry_loss, freeze,
-    mistral_to_ultrarm)
-import numpy as np
 import data
-from model import Tokenizer
+from model import (ModelConfig, Tokenizer, Transformer, generate, positions_from_mask, response_logprobs,
+                   sample_next)
+from remax import (ALGORITHM_1, BASELINES, KL_MODES, NORMS, OFFICIAL, Rollout, exact_kl, remax_loss, rollout,
+                   token_weights)
+from reward import (ModelReward, RetokenizedReward, RewardModel, TextReward, bradley_terry_loss, freeze,
+                    mistral_to_ultrarm)
+
+# Tiny tensors everywhere: on a 2-core machine thread hand-offs cost more than they save.
+torch.set_num_threads(1)
 
 
 def _model_tiny(**kw):
@@ -1047,3 +1051,575 @@ def test_tokenizer_without_eos_is_refused_for_responses(tmp_path):
     data.encode_prompts(tok, [rec], "chat")                   # prompts need no EOS
     with pytest.raises(ValueError, match="the tokenizer has no eos_token"):
         data.encode_sft(tok, [rec], "chat")
+
+
+# --------------------------------------------------------------------------- remax
+# remax.py: the estimator's exact properties (spec sections 2 and 5), checked by enumeration, not Monte Carlo.
+
+
+F64 = torch.float64
+
+
+def _remax_close(a, b, rtol=1e-12, atol=1e-14):
+    # float64 throughout; torch.allclose because torch.testing's first call imports for seconds.
+    assert a.shape == b.shape and torch.allclose(a, b, rtol=rtol, atol=atol), (a - b).abs().max().item()
+
+
+# --------------------------------------------------------------------------- a tabular policy small enough to enumerate
+# Vocabulary {EOS=0, 1, 2}, horizon 3. A response ends at its first EOS or is cut after 3 tokens; the policy
+# is a softmax over one row of logits per (prompt, prefix), so every probability and gradient is exact.
+_TAB_EOS, _TAB_V, _TAB_H = 0, 3, 3
+
+
+def _tab_all_responses():
+    out = []
+
+    def grow(prefix):
+        for a in range(_TAB_V):
+            y = prefix + (a,)
+            out.append(y) if a == _TAB_EOS or len(y) == _TAB_H else grow(y)
+    grow(())
+    return out
+
+
+_TAB_RESPONSES = _tab_all_responses()                                     # 1 + 2 * (1 + 2 * 3) = 15
+_TAB_STATES = {s: i for i, s in enumerate(sorted({y[:t] for y in _TAB_RESPONSES for t in range(len(y))},
+                                                 key=lambda s: (len(s), s)))}   # the 7 EOS-free prefixes
+
+
+def _tab_theta(n_prompts, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(n_prompts, len(_TAB_STATES), _TAB_V, generator=g, dtype=F64)).requires_grad_()
+
+
+# Tables are computed once per expectation: tiny ops are slow when the 2 CPU cores are contended.
+def _tab_q(theta, temperature=1.0, top_p=1.0):
+    """[P, S, V] per-step sampling distribution, detached: softmax(logits / T), then the nucleus (the
+    smallest set of most likely tokens whose mass reaches top_p), renormalised."""
+    p = torch.softmax(theta.detach() / temperature, -1)
+    sp, idx = p.sort(-1, descending=True)
+    keep = (sp.cumsum(-1) - sp) < top_p                 # mass strictly before a token < top_p: still needed
+    q = torch.zeros_like(p).scatter(-1, idx, sp * keep)
+    return q / q.sum(-1, keepdim=True)
+
+
+def _tab_logp(lp, x, y):
+    """[H] log pi(y_t | x, y_<t) from lp = theta.log_softmax(-1) (T=1, untruncated: what the loss uses);
+    0 past the end of y."""
+    vals = [lp[x, _TAB_STATES[y[:t]], y[t]] for t in range(len(y))]
+    return torch.stack(vals + [torch.zeros((), dtype=F64)] * (_TAB_H - len(y)))
+
+
+def _tab_prob(q, x, y):
+    return float(math.prod(q[x, _TAB_STATES[y[:t]], y[t]] for t in range(len(y))))
+
+
+def _tab_mask(y):
+    return torch.tensor([[t < len(y) for t in range(_TAB_H)]])
+
+
+def _tab_greedy(theta, x):
+    y = ()
+    while not (y and (y[-1] == _TAB_EOS or len(y) == _TAB_H)):
+        y += (int(theta[x, _TAB_STATES[y]].argmax()),)
+    return y
+
+
+def _tab_rewards(n_prompts, seed):
+    """r(x, y) per prompt and response; the prompts get different offsets and scales (heterogeneity)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(n_prompts, len(_TAB_RESPONSES), generator=g, dtype=F64)
+    return {(x, y): float(3 * x + (1 + x) * r[x, j]) for x in range(n_prompts) for j, y in enumerate(_TAB_RESPONSES)}
+
+
+def _tab_expected_loss(theta, reward, baseline_of, temperature=1.0, top_p=1.0, **opts):
+    """sum_x sum_y q(y|x) remax_loss(one response y) / n_prompts with q detached, whose gradient is the
+    exact expectation of the per-batch ReMax gradient (one sample per prompt, loss averaged over prompts)."""
+    total, lp, qtab = 0.0, theta.log_softmax(-1), _tab_q(theta, temperature, top_p)
+    for x in range(theta.shape[0]):
+        b = torch.tensor([baseline_of(x)], dtype=F64)
+        for y in _TAB_RESPONSES:
+            q = _tab_prob(qtab, x, y)
+            logp = _tab_logp(lp, x, y)[None]
+            loss, _ = remax_loss(logp, logp.detach(), logp.detach(), torch.tensor([reward[x, y]], dtype=F64), b,
+                                 _tab_mask(y), **opts)
+            total = total + q * loss
+    return total / theta.shape[0]
+
+
+def _tab_grad_J(theta, reward):
+    """Autograd of J = mean_x sum_y pi(y|x) r(x, y): the true policy gradient."""
+    lp = theta.log_softmax(-1)
+    J = sum(_tab_logp(lp, x, y).sum().exp() * reward[x, y]
+            for x in range(theta.shape[0]) for y in _TAB_RESPONSES) / theta.shape[0]
+    return torch.autograd.grad(J, theta)[0]
+
+
+def test_tabular_enumeration_is_a_distribution():
+    # Guards the helpers the exact tests below rest on.
+    theta = _tab_theta(2, 0)
+    assert len(_TAB_RESPONSES) == 15 and len(_TAB_STATES) == 7
+    for x in range(2):
+        for kw in ({}, {"top_p": 0.7}, {"temperature": 0.6}):
+            assert math.isclose(sum(_tab_prob(_tab_q(theta, **kw), x, y) for y in _TAB_RESPONSES), 1.0, rel_tol=1e-12)
+        pi = [float(_tab_logp(theta.detach().log_softmax(-1), x, y).sum().exp()) for y in _TAB_RESPONSES]
+        assert math.isclose(sum(pi), 1.0, rel_tol=1e-12)
+
+
+def test_remax_gradient_is_unbiased_at_T1_top_p_1():
+    # Proposition 1: E_y~pi[-grad remax_loss] = grad J, the greedy baseline b(x) = r(x, greedy) included.
+    theta, reward = _tab_theta(2, 1), _tab_rewards(2, 2)
+    baseline_of = lambda x: reward[x, _tab_greedy(theta, x)]
+    assert all(baseline_of(x) != 0 for x in range(2))
+    expected = torch.autograd.grad(_tab_expected_loss(theta, reward, baseline_of, **ALGORITHM_1), theta)[0]
+    grad_J = _tab_grad_J(theta, reward)
+    assert grad_J.norm() > 0.1
+    _remax_close(-expected, grad_J, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampling", [{"top_p": 0.7}, {"top_p": 0.9}, {"temperature": 0.7}])
+def test_remax_gradient_is_biased_when_sampling_truncates_or_tempers(sampling):
+    # The official scripts sample with top-p 0.9 (Mistral: T 0.7) but train on untruncated T=1 log-probs
+    # (spec 5.10): the expectation under the sampling distribution q is then not grad J.
+    theta, reward = _tab_theta(2, 1), _tab_rewards(2, 2)
+    baseline_of = lambda x: reward[x, _tab_greedy(theta, x)]
+    # With nothing truncated the truncated sampler is pi itself; make sure it really is not.
+    q, pi = _tab_q(theta, **sampling), _tab_q(theta)
+    assert max(abs(_tab_prob(q, 0, y) - _tab_prob(pi, 0, y)) for y in _TAB_RESPONSES) > 1e-3
+    expected = torch.autograd.grad(_tab_expected_loss(theta, reward, baseline_of, **sampling, **ALGORITHM_1),
+                                   theta)[0]
+    grad_J = _tab_grad_J(theta, reward)
+    assert (-expected - grad_J).norm() > 0.05 * grad_J.norm()
+
+
+@pytest.mark.parametrize("opts", [OFFICIAL, dict(ALGORITHM_1, norm="token_mean"), dict(ALGORITHM_1, gamma=0.5)])
+def test_official_options_do_not_give_a_multiple_of_the_gradient_of_J(opts):
+    # The estimator is unbiased only for ALGORITHM_1. A token mean (here B=1 per prompt, so each response is
+    # weighted by 1/length) or a discount changes the direction, not just the scale. No KL contribution
+    # here (old = ref), so the gap is the discount and the normalisation alone.
+    theta, reward = _tab_theta(2, 1), _tab_rewards(2, 2)
+    baseline_of = lambda x: reward[x, _tab_greedy(theta, x)]
+    expected = -torch.autograd.grad(_tab_expected_loss(theta, reward, baseline_of, **opts), theta)[0].flatten()
+    grad_J = _tab_grad_J(theta, reward).flatten()
+    assert torch.nn.functional.cosine_similarity(expected, grad_J, 0) < 0.99
+
+
+def _tab_kl_seq(theta, ref, x):
+    """KL(pi(.|x) || ref(.|x)) over whole responses."""
+    lp, lr = theta.log_softmax(-1), ref.log_softmax(-1)
+    return sum(_tab_logp(lp, x, y).sum().exp() * (_tab_logp(lp, x, y).sum() - _tab_logp(lr, x, y).sum())
+               for y in _TAB_RESPONSES)
+
+
+def _tab_kl_states_fixed(theta, ref, x):
+    """sum_t E_{s_t}[KL(pi(.|s_t) || ref(.|s_t))] with the state distribution detached (held fixed)."""
+    lp, lr = theta.log_softmax(-1), ref.log_softmax(-1)
+    kl_state = (lp[x].exp() * (lp[x] - lr[x])).sum(-1)
+    return sum(_tab_logp(lp, x, y).sum().exp().detach() * sum(kl_state[_TAB_STATES[y[:t]]] for t in range(len(y)))
+               for y in _TAB_RESPONSES)
+
+
+def _tab_expected_kl_loss(theta, ref, kl):
+    """E_y~pi[remax_loss] with r = b (no reward signal), beta 1, old = pi_theta: only the KL weight remains."""
+    total, lp, lr = 0.0, theta.log_softmax(-1), ref.log_softmax(-1)
+    for y in _TAB_RESPONSES:
+        logp = _tab_logp(lp, 0, y)[None]
+        zero = torch.zeros(1, dtype=F64)
+        loss, _ = remax_loss(logp, logp.detach(), _tab_logp(lr, 0, y)[None], zero, zero, _tab_mask(y), kl=kl,
+                             beta=1.0)
+        total = total + logp.sum().exp().detach() * loss
+    return total
+
+
+def test_kl_modes_give_the_gradients_they_claim():
+    # Spec 2.3.3: "k1_onestep" (official) is the gradient of the summed per-state KL with states held fixed;
+    # "k1_to_go" (verl / OpenRLHF) is the gradient of the sequence KL. Both exact, and different.
+    theta, ref = _tab_theta(1, 3), _tab_theta(1, 4).detach()
+    one = torch.autograd.grad(_tab_expected_kl_loss(theta, ref, "k1_onestep"), theta)[0]
+    to_go = torch.autograd.grad(_tab_expected_kl_loss(theta, ref, "k1_to_go"), theta)[0]
+    fixed = torch.autograd.grad(_tab_kl_states_fixed(theta, ref, 0), theta)[0]
+    seq = torch.autograd.grad(_tab_kl_seq(theta, ref, 0), theta)[0]
+    # The loss is minimised, so its expected gradient is +grad KL (the penalty pushes KL down).
+    _remax_close(one, fixed, rtol=1e-12, atol=1e-12)
+    _remax_close(to_go, seq, rtol=1e-12, atol=1e-12)
+    assert (one - to_go).norm() > 0.05 * seq.norm()
+
+
+# --------------------------------------------------------------------------- variance (spec 2.2), by enumeration
+def _tab_variance_terms(theta, reward, b):
+    """For prompt 0: V(b) = tr Cov of the estimator -grad remax_loss with baseline b, from remax_loss itself;
+    and E|S|^2, E[R |S|^2] with S = grad sum_t log pi computed directly."""
+    pis, gs, ss, rs, lp = [], [], [], [], theta.log_softmax(-1)
+    for y in _TAB_RESPONSES:
+        logp = _tab_logp(lp, 0, y)
+        loss, _ = remax_loss(logp[None], logp[None].detach(), logp[None].detach(),
+                             torch.tensor([reward[0, y]], dtype=F64), torch.tensor([b], dtype=F64), _tab_mask(y),
+                             **ALGORITHM_1)
+        gs.append(-torch.autograd.grad(loss, theta, retain_graph=True)[0].flatten())
+        ss.append(torch.autograd.grad(logp.sum(), theta, retain_graph=True)[0].flatten())
+        pis.append(float(logp.detach().sum().exp()))
+        rs.append(reward[0, y])
+    pi, g, s, r = torch.tensor(pis, dtype=F64), torch.stack(gs), torch.stack(ss), torch.tensor(rs, dtype=F64)
+    mean = (pi[:, None] * g).sum(0)
+    V = float((pi * (g * g).sum(-1)).sum() - mean @ mean)
+    s2 = (s * s).sum(-1)
+    return V, float((pi * s2).sum()), float((pi * r * s2).sum())
+
+
+def _tab_check_identity(theta, reward, b):
+    V_b, ES2, ERS2 = _tab_variance_terms(theta, reward, b)
+    V_0, _, _ = _tab_variance_terms(theta, reward, 0.0)
+    assert math.isclose(V_b - V_0, b * b * ES2 - 2 * b * ERS2, rel_tol=1e-9, abs_tol=1e-12)
+    b_star = ERS2 / ES2
+    return V_b, V_0, b_star
+
+
+def test_greedy_baseline_lowers_variance_when_policy_is_concentrated():
+    # Concentrated policy (typical after SFT), rewards with a large common offset: r(greedy) ~ E[R] ~ b*.
+    theta = _tab_theta(1, 5, scale=0.3)
+    with torch.no_grad():
+        for s, i in _TAB_STATES.items():
+            theta[0, i, 1 if len(s) < _TAB_H - 1 else _TAB_EOS] += 3.0    # greedy: 1, 1, EOS
+    g = torch.Generator().manual_seed(6)
+    reward = {(0, y): 5.0 + 0.5 * float(torch.randn((), generator=g, dtype=F64)) for y in _TAB_RESPONSES}
+    b = reward[0, _tab_greedy(theta, 0)]
+    assert _tab_greedy(theta, 0) == (1, 1, _TAB_EOS)
+    V_b, V_0, b_star = _tab_check_identity(theta, reward, b)
+    assert abs(b - b_star) < abs(b_star)            # the iff criterion: b strictly between 0 and 2 b*
+    assert V_b < 0.1 * V_0
+    # Per-prompt shift r -> r + c: ReMax (shifted baseline too) is unchanged, REINFORCE's variance grows.
+    shifted = {k: v + 20.0 for k, v in reward.items()}
+    assert math.isclose(_tab_variance_terms(theta, shifted, b + 20.0)[0], V_b, rel_tol=1e-9)
+    assert _tab_variance_terms(theta, shifted, 0.0)[0] > 4 * V_0
+
+
+def test_greedy_baseline_raises_variance_when_greedy_response_is_the_rare_winner():
+    # Flat policy: the greedy response is only the argmax, with probability ~1/27; it alone scores 10, so
+    # b = 10 is far above 2 b* (b* ~ E[R]) and the variance exceeds REINFORCE's (Proposition 3's caveat).
+    theta = _tab_theta(1, 7, scale=0.1)
+    greedy = _tab_greedy(theta, 0)
+    reward = {(0, y): 10.0 if y == greedy else 0.0 for y in _TAB_RESPONSES}
+    V_b, V_0, b_star = _tab_check_identity(theta, reward, 10.0)
+    assert float(_tab_logp(theta.detach().log_softmax(-1), 0, greedy).sum().exp()) < 0.1
+    assert abs(10.0 - b_star) > abs(b_star)
+    assert V_b > 2 * V_0
+
+
+# --------------------------------------------------------------------------- remax_loss: closed form per option
+def _remax_batch(seed=0, garbage=0.0):
+    """3 responses of lengths 5, 2, 4 in 5 columns; r - b = 1.3, -0.2, -2.0 (a clip of 0.5 bites on rows 0, 2).
+    Masked positions hold `garbage` (finite random numbers when 0.0)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [5, 2, 4]
+    mask = torch.tensor([[t < L for t in range(5)] for L in lengths])
+    logp, old, ref = (-torch.rand(3, 5, generator=g, dtype=F64) * 3 for _ in range(3))
+    if garbage:
+        logp, old, ref = (t.masked_fill(~mask, garbage) for t in (logp, old, ref))
+    reward = torch.tensor([2.3, 0.5, -1.0], dtype=F64)
+    baseline = torch.tensor([1.0, 0.7, 1.0], dtype=F64)
+    return logp, old, ref, reward, baseline, mask, lengths
+
+
+def _remax_closed_form(old, ref, reward, baseline, lengths, kl, beta, gamma, clip, norm):
+    """d loss / d logp[i, t] written out from the spec (1.3 and remax.py's docstring), one scalar at a time."""
+    B, N = old.shape
+    Z = B if norm == "seq_sum" else sum(lengths)
+    grad = torch.zeros(B, N, dtype=F64)
+    for i in range(B):
+        d = float(reward[i] - baseline[i])
+        if clip is not None:
+            d = max(-clip, min(clip, d))
+        L = lengths[i]
+        k1 = [float(old[i, s] - ref[i, s]) for s in range(L)]
+        for t in range(1, L + 1):                                   # the spec's 1-based t
+            kl_term = {"none": 0.0, "k1_onestep": k1[t - 1], "k1_to_go": sum(k1[t - 1:])}[kl]
+            w = gamma ** (L - t + 1) * d - beta * kl_term
+            grad[i, t - 1] = -w / Z
+    return grad
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+@pytest.mark.parametrize("norm", ["seq_sum", "token_mean"])
+@pytest.mark.parametrize("kl", ["none", "k1_onestep", "k1_to_go"])
+def test_loss_gradient_matches_closed_form(kl, norm, gamma, clip):
+    logp, old, ref, reward, baseline, mask, lengths = _remax_batch()
+    beta = 0.0 if kl == "none" else 0.3
+    logp.requires_grad_()
+    loss, stats = remax_loss(logp, old, ref, reward, baseline, mask, kl=kl, beta=beta, gamma=gamma, clip=clip,
+                             norm=norm)
+    (grad,) = torch.autograd.grad(loss, logp)
+    want = _remax_closed_form(old, ref, reward, baseline, lengths, kl, beta, gamma, clip, norm)
+    _remax_close(grad, want, rtol=1e-12, atol=1e-14)
+    # The loss is linear in the log-probs with exactly these coefficients.
+    assert math.isclose(loss.item(), float((want * logp.detach()).sum()), rel_tol=1e-12)
+    Z = 3 if norm == "seq_sum" else sum(lengths)
+    w = token_weights(old, ref, reward, baseline, mask, kl=kl, beta=beta, gamma=gamma, clip=clip)
+    _remax_close(w, -want * Z, rtol=1e-12, atol=1e-14)
+    assert not w.requires_grad
+    if clip is not None:
+        assert stats["clip_frac"] == pytest.approx(2 / 3)
+
+
+def test_discount_runs_from_the_end_of_each_response():
+    # Official gamma: the last token gets gamma * delta, the first gamma^L * delta (spec 1.3).
+    mask = torch.tensor([[True] * 4 + [False] * 2])
+    zero = torch.zeros(1, 6, dtype=F64)
+    w = token_weights(zero, zero, torch.tensor([2.0], dtype=F64), torch.zeros(1, dtype=F64), mask, gamma=0.5)
+    _remax_close(w, torch.tensor([[2 * 0.5 ** 4, 2 * 0.5 ** 3, 2 * 0.5 ** 2, 2 * 0.5, 0, 0]], dtype=F64), 0, 0)
+
+
+def test_token_mean_is_seq_sum_rescaled_by_batch_size_over_token_count():
+    # Equal lengths L: token mean = Algorithm 1's loss / L (spec 2.3.5). Unequal lengths: the official token
+    # mean is over the whole batch, so within a batch it is still seq_sum * B / sum(mask), a scale that
+    # depends on the batch's lengths (the bias this causes: test_official_options_do_not_give_a_multiple_...).
+    logp, old, ref, reward, baseline, mask, lengths = _remax_batch()
+    for m, n_tokens in ((torch.ones_like(mask), 15), (mask, sum(lengths))):
+        seq, _ = remax_loss(logp, old, ref, reward, baseline, m, norm="seq_sum")
+        tok, _ = remax_loss(logp, old, ref, reward, baseline, m, norm="token_mean")
+        assert math.isclose(tok.item(), seq.item() * 3 / n_tokens, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [ALGORITHM_1, OFFICIAL, dict(OFFICIAL, kl="k1_to_go", clip=0.5)])
+def test_per_prompt_reward_shift_leaves_loss_and_grads_unchanged(opts):
+    # Adding c(x) to a prompt's reward and baseline: delta, and so everything, is unchanged (clip included,
+    # because the clip acts on the difference).
+    logp, old, ref, reward, baseline, mask, _ = _remax_batch()
+    c = torch.tensor([100.0, -37.0, 5.5], dtype=F64)
+    out = []
+    for shift in (0.0, c):
+        lp = logp.clone().requires_grad_()
+        loss, stats = remax_loss(lp, old, ref, reward + shift, baseline + shift, mask, **opts)
+        out.append((loss, torch.autograd.grad(loss, lp)[0], stats["advantage_mean"]))
+    assert math.isclose(out[0][0].item(), out[1][0].item(), rel_tol=1e-12)
+    _remax_close(out[0][1], out[1][1], rtol=1e-12, atol=1e-14)
+    assert math.isclose(out[0][2], out[1][2], rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("kl", KL_MODES)
+def test_sample_equal_to_greedy_leaves_only_the_kl_term(kl):
+    # Same response => same reward => delta = 0: with KL "none" the loss and gradient are exactly 0, else
+    # the loss equals the KL-only loss (reward and baseline both zero).
+    logp, old, ref, reward, _, mask, _ = _remax_batch()
+    logp.requires_grad_()
+    beta = 0.0 if kl == "none" else 0.2
+    loss, _ = remax_loss(logp, old, ref, reward, reward.clone(), mask, kl=kl, beta=beta, gamma=0.9, clip=0.5)
+    zero = torch.zeros(3, dtype=F64)
+    kl_only, _ = remax_loss(logp, old, ref, zero, zero, mask, kl=kl, beta=beta, gamma=0.9, clip=0.5)
+    assert loss.item() == kl_only.item()
+    (g,) = torch.autograd.grad(loss, logp)
+    if kl == "none":
+        assert loss.item() == 0.0 and g.abs().max().item() == 0.0
+    else:
+        assert g.abs().max().item() > 0.0
+
+
+@pytest.mark.parametrize("garbage", [math.inf, -math.inf, math.nan])
+def test_pads_and_tokens_after_eos_contribute_exactly_zero(garbage):
+    clean = _remax_batch()
+    dirty = _remax_batch(garbage=garbage)
+    for opts in (ALGORITHM_1, OFFICIAL, dict(OFFICIAL, kl="k1_to_go")):
+        losses = []
+        for logp, old, ref, reward, baseline, mask, _ in (clean, dirty):
+            lp = logp.clone().requires_grad_()
+            loss, stats = remax_loss(lp, old, ref, reward, baseline, mask, **opts)
+            (g,) = torch.autograd.grad(loss, lp)
+            assert torch.isfinite(loss) and torch.isfinite(g).all() and (g[~mask] == 0).all()
+            assert all(math.isfinite(v) for v in stats.values())
+            losses.append((loss.item(), g))
+        assert losses[0][0] == losses[1][0]
+        assert torch.equal(losses[0][1], losses[1][1])
+
+
+def test_extra_right_padding_leaves_loss_unchanged():
+    logp, old, ref, reward, baseline, mask, _ = _remax_batch()
+    pad = lambda t, v: torch.cat([t, torch.full((3, 4), v, dtype=t.dtype)], 1)
+    for opts in (ALGORITHM_1, OFFICIAL, dict(OFFICIAL, kl="k1_to_go")):
+        a, sa = remax_loss(logp, old, ref, reward, baseline, mask, **opts)
+        b, sb = remax_loss(pad(logp, math.nan), pad(old, math.inf), pad(ref, -7.0), reward, baseline,
+                           pad(mask, False), **opts)
+        assert math.isclose(a.item(), b.item(), rel_tol=1e-14)
+        assert sa == pytest.approx(sb, rel=1e-12)
+        w = token_weights(pad(old, math.inf), pad(ref, -7.0), reward, baseline, pad(mask, False),
+                          **{k: v for k, v in opts.items() if k != "norm"})
+        _remax_close(w[:, :5], token_weights(old, ref, reward, baseline, mask,
+                                             **{k: v for k, v in opts.items() if k != "norm"}))
+        assert (w[:, 5:] == 0).all()
+
+
+@pytest.mark.parametrize("kl", KL_MODES)
+def test_beta_0_and_zero_baseline_is_reinforce(kl):
+    # loss = -(1/B) sum_i r_i sum_t log pi(a_it): plain REINFORCE, whatever the KL mode when beta = 0.
+    logp, old, ref, reward, _, mask, _ = _remax_batch()
+    loss, _ = remax_loss(logp, old, ref, reward, torch.zeros(3, dtype=F64), mask, kl=kl, beta=0.0)
+    want = -sum(float(reward[i]) * float(logp[i][mask[i]].sum()) for i in range(3)) / 3
+    assert math.isclose(loss.item(), want, rel_tol=1e-12)
+
+
+def test_presets_have_the_documented_values():
+    assert ALGORITHM_1 == dict(kl="none", beta=0.0, gamma=1.0, clip=None, norm="seq_sum")
+    assert OFFICIAL == dict(kl="k1_onestep", beta=0.05, gamma=0.99, clip=5.0, norm="token_mean")
+    assert KL_MODES == ("none", "k1_onestep", "k1_to_go") and NORMS == ("seq_sum", "token_mean")
+    assert BASELINES == ("greedy", "none", "rloo")
+
+
+def test_stats_match_hand_computation():
+    logp, old, ref, reward, baseline, mask, lengths = _remax_batch()
+    _, s = remax_loss(logp, old, ref, reward, baseline, mask, clip=1.0)
+    adv = [1.3, -0.2, -2.0]
+    k1 = [float((old[i] - ref[i])[mask[i]].sum()) for i in range(3)]
+    assert s["advantage_mean"] == pytest.approx(sum(adv) / 3, rel=1e-12)
+    assert s["reward_mean"] == pytest.approx(0.6, rel=1e-12)
+    assert s["kl"] == pytest.approx(sum(k1) / 3, rel=1e-12)
+    assert s["kl_token"] == pytest.approx(sum(k1) / sum(lengths), rel=1e-12)
+    assert s["length"] == pytest.approx(11 / 3) and s["clip_frac"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("change, name", [
+    (dict(kl="k2"), "kl"), (dict(norm="mean"), "norm"), (dict(old_logprobs=torch.zeros(3, 4)), "old_logprobs"),
+    (dict(ref_logprobs=torch.zeros(2, 5)), "ref_logprobs"), (dict(mask=torch.ones(3, 6, dtype=torch.bool)), "mask"),
+    (dict(reward=torch.zeros(3, 1)), "reward"), (dict(baseline=torch.zeros(2)), "baseline"),
+    (dict(clip=0.0), "clip"), (dict(clip=-1.0), "clip"), (dict(gamma=0.0), "gamma"), (dict(gamma=1.5), "gamma"),
+    (dict(beta=-0.1), "beta")])
+def test_bad_arguments_raise_value_error_naming_them(change, name):
+    logp, old, ref, reward, baseline, mask, _ = _remax_batch()
+    args = dict(logprobs=logp, old_logprobs=old, ref_logprobs=ref, reward=reward, baseline=baseline, mask=mask)
+    args.update(change)
+    with pytest.raises(ValueError, match=name):
+        remax_loss(**args)
+    if name in ("kl", "clip", "gamma", "beta"):     # token_weights is public too: no silent fallback
+        with pytest.raises(ValueError, match=name):
+            token_weights(old, ref, reward, baseline, mask, **{k: v for k, v in change.items()})
+
+
+# --------------------------------------------------------------------------- exact_kl
+def test_exact_kl_matches_hand_computation():
+    logits = torch.tensor([[[1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [math.nan, 1.0, 1.0]],
+                           [[3.0, -1.0, 0.0], [0.2, 0.1, -0.3], [0.0, 0.0, 0.0]]])
+    ref = torch.tensor([[[0.0, 0.0, 0.0], [1.0, -1.0, 2.0], [0.0, math.inf, 0.0]],
+                        [[1.0, 1.0, 1.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+
+    def kl(a, b):
+        pa = [math.exp(v) / sum(math.exp(u) for u in a) for v in a]
+        pb = [math.exp(v) / sum(math.exp(u) for u in b) for v in b]
+        return sum(p * (math.log(p) - math.log(q)) for p, q in zip(pa, pb))
+    want = sum(kl(logits[i, t].tolist(), ref[i, t].tolist()) for i in range(2) for t in range(2)) / 4
+    assert exact_kl(logits, ref, mask).item() == pytest.approx(want, rel=1e-12)
+    assert exact_kl(logits, logits, mask).item() == 0.0
+
+
+# --------------------------------------------------------------------------- rollout on a tiny random transformer
+def _remax_policy():
+    cfg = ModelConfig(vocab_size=8, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32, eos_id=2, pad_id=0)
+    return Transformer(cfg).init_weights(std=0.5, generator=torch.Generator().manual_seed(0)).eval()
+
+
+def _remax_prompts():
+    # Left-padded, as rollout requires.
+    prompt = torch.tensor([[0, 0, 5, 3], [4, 6, 7, 1], [0, 3, 3, 5]])
+    return prompt, prompt != 0
+
+
+def _remax_reward(prompt, prompt_mask, response, response_mask):
+    # Depends on the prompt and on every response token, so mixing up rows changes the numbers.
+    return (torch.where(response_mask, response, 0) * torch.arange(1, response.shape[1] + 1)).sum(-1).float() / 10 \
+        + prompt[:, -1].float()
+
+
+def _remax_rollout(baseline="greedy", seed=0, **kw):
+    prompt, pmask = _remax_prompts()
+    return rollout(_remax_policy(), prompt, pmask, _remax_reward, baseline=baseline, max_new_tokens=6,
+                   generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_rollout_greedy_baseline_is_greedy_decoding_alone():
+    ro = _remax_rollout()
+    prompt, pmask = _remax_prompts()
+    greedy, gmask = generate(_remax_policy(), prompt, pmask, 6, temperature=0.0)
+    assert torch.equal(ro.greedy, greedy) and torch.equal(ro.greedy_mask, gmask)
+    assert torch.equal(ro.prompt, prompt) and ro.response.shape[0] == 3
+    # Reward of each sampled row and baseline of each prompt are reward_fn of exactly those rows.
+    assert torch.equal(ro.reward, _remax_reward(prompt, pmask, ro.response, ro.response_mask))
+    assert torch.equal(ro.baseline, _remax_reward(prompt, pmask, greedy, gmask))
+    assert ro.stats["sample_eq_greedy"] < 1.0         # the sampled rows were sampled
+    assert isinstance(ro, Rollout)
+    # The response mask covers up to and including the first EOS, nothing after.
+    for row, m in zip(ro.response, ro.response_mask):
+        L = int(m.sum())
+        assert m[:L].all() and not (row[:L - 1] == 2).any()
+
+
+def test_rollout_stats_match_the_responses():
+    ro = _remax_rollout(seed=0)
+    assert {"eos_frac", "sample_eq_greedy", "length_greedy"} <= set(ro.stats)
+    last = ro.response.gather(1, ro.response_mask.sum(-1, keepdim=True) - 1)[:, 0]
+    assert 0 < ro.stats["eos_frac"] < 1           # this seed has both kinds of rows, so the check bites
+    assert ro.stats["eos_frac"] == pytest.approx((last == 2).float().mean().item())
+    assert ro.stats["length_greedy"] == pytest.approx(ro.greedy_mask.sum(-1).float().mean().item())
+    # The baseline does not depend on the sampling noise: another seed gives the same greedy responses.
+    other = _remax_rollout(seed=1)
+    assert torch.equal(other.greedy, ro.greedy) and not torch.equal(other.response, ro.response)
+
+
+def test_rollout_with_greedy_sampling_has_zero_advantage():
+    # temperature 0 for the sample too: sample == greedy, reward == baseline, and only the KL term is left.
+    ro = _remax_rollout(temperature=0.0)
+    assert ro.stats["sample_eq_greedy"] == 1.0 and torch.equal(ro.reward, ro.baseline)
+    assert torch.equal(ro.response, ro.greedy)
+    logp = torch.randn(ro.response.shape, requires_grad=True)
+    loss, _ = remax_loss(logp, logp.detach(), logp.detach() - 1, ro.reward, ro.baseline, ro.response_mask,
+                         **ALGORITHM_1)
+    assert loss.item() == 0.0 and torch.autograd.grad(loss, logp)[0].abs().max() == 0
+
+
+def test_rollout_rewards_and_baselines_carry_no_grad_and_train_end_to_end():
+    policy = _remax_policy()
+    prompt, pmask = _remax_prompts()
+    scale = torch.tensor(2.0, requires_grad=True)
+    reward_fn = lambda *a: _remax_reward(*a) * scale
+    ro = rollout(policy, prompt, pmask, reward_fn, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    assert not ro.reward.requires_grad and not ro.baseline.requires_grad
+    assert ro.reward.dtype == ro.baseline.dtype == torch.float32
+    # generate runs in inference mode; the returned responses must still be usable in a backward pass.
+    logp, _ = response_logprobs(policy, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)
+    loss, _ = remax_loss(logp, logp.detach(), logp.detach(), ro.reward, ro.baseline, ro.response_mask, **OFFICIAL)
+    loss.backward()
+    grads = [p.grad for p in policy.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)
+    assert scale.grad is None
+
+
+def test_rollout_baseline_none_is_reinforce():
+    ro = _remax_rollout(baseline="none")
+    assert ro.response.shape[0] == 3 and torch.equal(ro.baseline, torch.zeros(3))
+    assert ro.greedy is None and ro.greedy_mask is None and "eos_frac" in ro.stats
+
+
+def test_rollout_rloo_baseline_is_the_other_samples_reward():
+    ro = _remax_rollout(baseline="rloo")
+    prompt, pmask = _remax_prompts()
+    assert ro.response.shape[0] == 6 and torch.equal(ro.prompt, prompt.repeat(2, 1))
+    assert torch.equal(ro.baseline, torch.cat([ro.reward[3:], ro.reward[:3]]))
+    assert torch.equal(ro.reward, _remax_reward(ro.prompt, ro.prompt_mask, ro.response, ro.response_mask))
+    assert not torch.equal(ro.reward, ro.baseline) and ro.greedy is None and "samples_equal" in ro.stats
+
+
+@pytest.mark.parametrize("shape", [(6, 1), (3,), ()])
+def test_rollout_rejects_a_reward_fn_of_the_wrong_shape(shape):
+    prompt, pmask = _remax_prompts()
+    with pytest.raises(ValueError, match="reward_fn"):
+        rollout(_remax_policy(), prompt, pmask, lambda *a: torch.zeros(shape), max_new_tokens=3,
+                generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("change, name", [
+    (dict(baseline="mean"), "baseline"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k")])
+def test_rollout_bad_arguments_raise_value_error_naming_them(change, name):
+    prompt, pmask = _remax_prompts()
+    args = dict(baseline="greedy", max_new_tokens=3)
+    args.update(change)
+    with pytest.raises(ValueError, match=name):
+        rollout(_remax_policy(), prompt, pmask, _remax_reward, **args)

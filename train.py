@@ -57,6 +57,7 @@ class Config:
     top_p: float = 0.9
     top_k: int = 0
     max_prompt_len: int = 256
+    overlong: str = "truncate"     # a prompt over max_prompt_len: truncate (keep its last tokens, as official) | error
     max_new_tokens: int = 256
     max_len: int = 512             # sft / rm: prompt + response tokens
     # optimisation (defaults: the official Llama-2-7B ReMax script)
@@ -283,7 +284,8 @@ class Metrics:
     def __init__(self, path: Path, ctx: Dist, start_step: int = 0):
         self.path, self.on = path, ctx.rank == 0
         if self.on and path.exists():
-            keep = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start_step]
+            # Row k is logged after step k; a fresh run (start 0) starts the file anew.
+            keep = [l for l in path.read_text().splitlines() if l and 0 < start_step >= json.loads(l)["step"]]
             atomic_write(path, "".join(l + "\n" for l in keep))
 
     def write(self, row: dict):
@@ -373,7 +375,7 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
             policy.zero_grad(set_to_none=True)
             grad_norm = None
         bad = bad + 1 if grad_norm is None else 0
-        row = {"step": step + 1, "loss": loss.item(), **stats, "entropy": masked_mean(entropy, ro.response_mask),
+        row = {"step": step + 1, "loss": loss.item(), **stats, **ro.stats, "entropy": masked_mean(entropy, ro.response_mask),
                "grad_norm": grad_norm, "lr": lr_at(step, cfg, total), "skipped": grad_norm is None}
         row = {**ctx.mean({k: float("nan") if v is None else float(v) for k, v in row.items()}), "step": step + 1}
         if grad_norm is None:
@@ -458,8 +460,8 @@ def load_prompts(cfg: Config, tok: Tokenizer, ctx: Dist):
     held = data.read_prompts(cfg.eval_data) if cfg.eval_data else records[-cfg.eval_size:]
     if not cfg.eval_data:
         records = records[:-cfg.eval_size]
-    train, counts = data.encode_prompts(tok, records, cfg.prompt_format, cfg.max_prompt_len)
-    held, _ = data.encode_prompts(tok, held, cfg.prompt_format, cfg.max_prompt_len)
+    train, counts = data.encode_prompts(tok, records, cfg.prompt_format, cfg.max_prompt_len, cfg.overlong)
+    held, _ = data.encode_prompts(tok, held, cfg.prompt_format, cfg.max_prompt_len, cfg.overlong)
     log(ctx, f"[data] {cfg.data}: {len(train)} train / {len(held)} eval prompts, {counts['prompts_truncated']} "
              f"truncated to their last {cfg.max_prompt_len} tokens, {len(train) % cfg.batch_size} left out per epoch")
     return train, held[:cfg.eval_size]
@@ -510,7 +512,7 @@ def train_sft(cfg: Config, ctx: Dist) -> Path:
     out = start_run(cfg, ctx)
     tok = Tokenizer(cfg.tokenizer or cfg.policy)
     examples, counts = data.encode_sft(tok, data.read_sft(cfg.data), cfg.prompt_format, cfg.max_prompt_len,
-                                       cfg.max_len - cfg.max_prompt_len)
+                                       cfg.max_len - cfg.max_prompt_len, cfg.overlong)
     log(ctx, f"[data] {cfg.data}: {len(examples)} SFT pairs, {counts}")
     model = load_model(cfg.policy, cfg, ctx, trainable=True)
 
@@ -535,7 +537,8 @@ def train_rm(cfg: Config, ctx: Dist) -> Path:
     records = data.read_preferences(cfg.data)
     held = data.read_preferences(cfg.eval_data) if cfg.eval_data else records[-cfg.eval_size:]
     records = records if cfg.eval_data else records[:-cfg.eval_size]
-    enc = lambda r: data.encode_preferences(tok, r, cfg.prompt_format, cfg.max_prompt_len, cfg.max_len - cfg.max_prompt_len)
+    enc = lambda r: data.encode_preferences(tok, r, cfg.prompt_format, cfg.max_prompt_len, cfg.max_len - cfg.max_prompt_len,
+                                            cfg.overlong)
     (examples, counts), (held, _) = enc(records), enc(held)
     log(ctx, f"[data] {cfg.data}: {len(examples)} train / {len(held)} eval pairs, {counts}")
     if ctx.rank == 0:
