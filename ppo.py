@@ -86,7 +86,7 @@ def ppo_policy_loss(logp, logp_old, advantages, mask, clip=0.2):
     """
     m = mask.bool()
     ratio = torch.exp(torch.where(m, logp.float() - logp_old.float(), 0.0))
-    adv = advantages.float()
+    adv = torch.where(m, advantages.float(), 0.0)
     unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)
     loss = _masked_mean(torch.maximum(unclipped, clipped), m)
     with torch.no_grad():
@@ -102,7 +102,8 @@ def ppo_value_loss(values, values_old, returns, mask, clip=0.2):
     (V - R) / M where the unclipped error is the larger, else 0.
     """
     m = mask.bool()
-    v, old, ret = values.float(), values_old.float(), returns.float()
+    # where before any arithmetic: pad entries (even inf / nan) then get an exact 0 gradient.
+    v, old, ret = (torch.where(m, t.float(), 0.0) for t in (values, values_old, returns))
     v_clipped = torch.clamp(v, old - clip, old + clip)
     err, err_clipped = (v - ret) ** 2, (v_clipped - ret) ** 2
     loss = 0.5 * _masked_mean(torch.maximum(err, err_clipped), m)
@@ -142,6 +143,14 @@ def response_values(critic, prompt, prompt_mask, response, response_mask):
     return critic(tokens, mask, positions)[:, P - 1:-1]
 
 
+@torch.no_grad()
+def experience(critic, ref, prompt, prompt_mask, response, response_mask):
+    """The no-grad half of DS-Chat `generate_experience` after the RM score: (log pi_ref(a_t|s_t), V_old(s_t)) [B, N]."""
+    m = _check_mask(response_mask, "experience: response_mask")
+    logp_ref, _ = response_logprobs(ref, prompt, prompt_mask, response, m)
+    return logp_ref, response_values(critic, prompt, prompt_mask, response, m)
+
+
 def _update(model, opt, loss):
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
@@ -151,17 +160,21 @@ def _update(model, opt, loss):
 
 
 def ppo_step(policy, critic, ref, prompt, prompt_mask, response, response_mask, score, *, opt_policy, opt_critic,
-             update=_update, kl_ctl=0.1, clip_reward=5.0, gamma=1.0, lam=0.95, clip=0.2, clip_value=0.2) -> dict:
+             update=_update, kl_ctl=0.1, clip_reward=5.0, gamma=1.0, lam=0.95, clip=0.2, clip_value=0.2,
+             logp_ref=None, values_old=None) -> dict:
     """One PPO iteration on one rollout (DS-Chat `generate_experience` + `train_rlhf`): actor step, then critic step.
 
     response / response_mask: one sampled response per prompt (first EOS included); score [B]: r(x, a).
     update(model, opt, loss) -> grad norm | None backpropagates and steps (the caller's clipping, loss
-    scaling over ranks and non-finite skipping); the default just steps. Returns logging stats.
+    scaling over ranks and non-finite skipping); the default just steps. logp_ref / values_old [B, N]:
+    `experience(critic, ref, ...)` when the caller computed it already (bench.py times it apart);
+    computed here otherwise (`ref` is then not used). Returns logging stats.
     """
     m = _check_mask(response_mask, "ppo_step: response_mask")
-    with torch.no_grad():
-        logp_ref, _ = response_logprobs(ref, prompt, prompt_mask, response, m)
-        values_old = response_values(critic, prompt, prompt_mask, response, m)
+    if (logp_ref is None) != (values_old is None):
+        raise ValueError("ppo_step: pass both logp_ref and values_old (from ppo.experience) or neither")
+    if logp_ref is None:
+        logp_ref, values_old = experience(critic, ref, prompt, prompt_mask, response, m)
     logp, entropy = response_logprobs(policy, prompt, prompt_mask, response, m)
     logp_old = logp.detach()
     rewards = kl_shaped_rewards(score, logp_old, logp_ref, m, kl_ctl, clip_reward)

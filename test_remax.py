@@ -1,4 +1,5 @@
 """The project's claims, executable: each test is one sentence of the paper, the spec or the README."""
+import copy
 import json
 import math
 import string
@@ -7,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import data
+import ppo
+import remax
 from model import (ModelConfig, Tokenizer, Transformer, generate, positions_from_mask, response_logprobs,
                    sample_next)
 from remax import (ALGORITHM_1, BASELINES, KL_MODES, NORMS, OFFICIAL, Rollout, exact_kl, remax_loss, rollout,
@@ -1623,3 +1627,344 @@ def test_rollout_bad_arguments_raise_value_error_naming_them(change, name):
     args.update(change)
     with pytest.raises(ValueError, match=name):
         rollout(_remax_policy(), prompt, pmask, _remax_reward, **args)
+
+
+# --------------------------------------------------------------------------- ppo
+# PPO (ppo.py), the paper's comparison: GAE, KL-shaped rewards, clipped losses, the critic, ppo_step end to end.
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _ppo_tiny(**kw):
+    cfg = dict(vocab_size=48, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, eos_id=2)
+    cfg.update(kw)
+    return Transformer(ModelConfig(**cfg)).init_weights(std=0.1, generator=torch.Generator().manual_seed(0)).eval()
+
+
+def _ppo_models(seed=0):
+    """policy, frozen ref (its copy), frozen RM (backbone from the policy, random head), critic from the RM."""
+    policy = _ppo_tiny()
+    ref = freeze(copy.deepcopy(policy))
+    rm = freeze(RewardModel.init_from_policy(policy, head_std=0.5, generator=torch.Generator().manual_seed(seed)))
+    critic = ppo.Critic.from_reward_model(rm)
+    return policy, ref, rm, critic
+
+
+def _ppo_batch():
+    """Two left-padded prompts and hand-made responses of lengths 4 and 2 (pads hold pad_id 0)."""
+    prompt = torch.tensor([[5, 6, 7, 8], [0, 0, 10, 11]])
+    prompt_mask = prompt != 0
+    response = torch.tensor([[12, 13, 14, 2], [15, 2, 0, 0]])
+    response_mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    return prompt, prompt_mask, response, response_mask
+
+
+# --------------------------------------------------------------------------- rewards and GAE, by hand
+
+def test_ppo_kl_shaped_rewards_by_hand():
+    # r_t = -beta (old_t - ref_t), plus clip(score, -5, 5) on the last response token; 0 on pads.
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, NAN, INF]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-1.0, 3.0, -INF]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    score = torch.tensor([7.0, -1.0])
+    r = ppo.kl_shaped_rewards(score, old, ref, mask, kl_ctl=0.1, clip=5.0)
+    want = torch.tensor([[-0.1 * 0.5, -0.1 * -1.0, -0.1 * 0.0 + 5.0],     # score 7 clipped to 5
+                         [-0.1 * -0.5 + -1.0, 0.0, 0.0]])
+    torch.testing.assert_close(r, want)
+    r_noclip = ppo.kl_shaped_rewards(score, old, ref, mask, kl_ctl=0.2, clip=None)
+    torch.testing.assert_close(r_noclip[0], torch.tensor([-0.2 * 0.5, -0.2 * -1.0, 7.0]))
+    assert not r.requires_grad
+
+
+def _gae_by_hand(r, v, gamma, lam):
+    """One row written out: delta_t = r_t + gamma v_{t+1} - v_t (v after the last token = 0), A_t = sum (gamma lam)^l delta_{t+l}."""
+    L = len(r)
+    delta = [r[t] + gamma * (v[t + 1] if t + 1 < L else 0.0) - v[t] for t in range(L)]
+    adv = [sum((gamma * lam) ** (s - t) * delta[s] for s in range(t, L)) for t in range(L)]
+    return adv, [a + vt for a, vt in zip(adv, v)]
+
+
+def test_ppo_gae_lambda_095_gamma_1_by_hand():
+    rewards = torch.tensor([[0.1, -0.2, 1.0], [0.3, 2.0, 99.0]])
+    values = torch.tensor([[0.5, 0.2, -0.4], [1.0, -1.0, NAN]])          # the pad holds garbage
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    adv, ret = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # Row 0, L = 3, written out term by term.
+    d1, d2, d3 = 0.1 + 0.2 - 0.5, -0.2 + (-0.4) - 0.2, 1.0 + 0.0 - (-0.4)
+    a = [d1 + 0.95 * d2 + 0.95 ** 2 * d3, d2 + 0.95 * d3, d3]
+    torch.testing.assert_close(adv[0], torch.tensor(a))
+    torch.testing.assert_close(ret[0], torch.tensor([a[0] + 0.5, a[1] + 0.2, a[2] - 0.4]))
+    # Row 1, L = 2: the terminal state follows the last real token, nothing leaks in from the pad.
+    e1, e2 = 0.3 + (-1.0) - 1.0, 2.0 + 0.0 - (-1.0)
+    torch.testing.assert_close(adv[1], torch.tensor([e1 + 0.95 * e2, e2, 0.0]))
+    torch.testing.assert_close(ret[1], torch.tensor([e1 + 0.95 * e2 + 1.0, e2 - 1.0, 0.0]))
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+
+
+@pytest.mark.parametrize("gamma,lam", [(0.9, 0.5), (0.99, 1.0), (0.8, 0.0)])
+def test_ppo_gae_other_gamma_lambda_by_hand(gamma, lam):
+    rewards = torch.tensor([[0.3, -1.0, 0.0, 2.0], [1.0, 0.5, -7.0, 4.0]])
+    values = torch.tensor([[0.1, 0.7, -0.3, 0.2], [-0.5, 0.25, 3.0, 3.0]])
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    adv, ret = ppo.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    for b, L in enumerate([4, 2]):
+        a, r = _gae_by_hand(rewards[b, :L].tolist(), values[b, :L].tolist(), gamma, lam)
+        torch.testing.assert_close(adv[b], torch.tensor(a + [0.0] * (4 - L)))
+        torch.testing.assert_close(ret[b], torch.tensor(r + [0.0] * (4 - L)))
+    if lam == 1.0:      # Monte Carlo: the return is the discounted reward-to-go, whatever V is
+        torch.testing.assert_close(ret[0, 0], torch.tensor(0.3 - gamma * 1.0 + gamma ** 3 * 2.0))
+    if lam == 0.0:      # one-step TD: A_t = delta_t
+        torch.testing.assert_close(adv[0, 0], torch.tensor(0.3 + gamma * 0.7 - 0.1))
+
+
+def test_ppo_mask_must_be_right_padded():
+    with pytest.raises(ValueError, match="right padding"):
+        ppo.gae(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[False, True, True]]))
+
+
+# --------------------------------------------------------------------------- clipped losses: gradients in closed form
+
+def test_ppo_policy_loss_gradient_closed_form():
+    # Per element (eps = 0.2): d L / d logp_t = -A_t rho_t / M where the unclipped term is the max, else 0.
+    rho = torch.tensor([[1.0, 1.1, 1.5, 1.5, 0.5, 0.5, 0.9]])
+    A = torch.tensor([[2.0, -3.0, 2.0, -3.0, 2.0, -3.0, 5.0]])
+    mask = torch.tensor([[True] * 6 + [False]])
+    M = 6
+    logp_old = torch.full_like(rho, -1.0)
+    logp = (logp_old + rho.log()).requires_grad_()
+    loss, stats = ppo.ppo_policy_loss(logp, logp_old, A, mask, clip=0.2)
+    loss.backward()
+    want = torch.tensor([[-2.0 * 1.0 / M,      # inside the clip range
+                          3.0 * 1.1 / M,       # inside
+                          0.0,                 # A > 0, rho > 1 + eps: clipped, no gradient
+                          3.0 * 1.5 / M,       # A < 0, rho > 1 + eps: unclipped is the max
+                          -2.0 * 0.5 / M,      # A > 0, rho < 1 - eps: unclipped is the max
+                          0.0,                 # A < 0, rho < 1 - eps: clipped
+                          0.0]])               # pad
+    torch.testing.assert_close(logp.grad, want)
+    terms = [-2.0 * 1.0, 3.0 * 1.1, -2.0 * 1.2, 3.0 * 1.5, -2.0 * 0.5, 3.0 * 0.8]
+    assert loss.item() == pytest.approx(sum(terms) / M, rel=1e-6)
+    assert stats["ratio_clip_frac"] == pytest.approx(2 / 6)
+
+
+def test_ppo_value_loss_gradient_closed_form():
+    # V_old = 0, eps_v = 0.2: gradient (V - R) / M where the unclipped error is the larger, else 0.
+    v = torch.tensor([[0.1, -0.15, 0.5, 0.5, -0.5, -0.5, 3.0]], requires_grad=True)
+    R = torch.tensor([[1.0, -2.0, 1.0, 0.0, -1.0, 0.3, 9.0]])
+    old = torch.zeros_like(R)
+    mask = torch.tensor([[True] * 6 + [False]])
+    M = 6
+    loss, stats = ppo.ppo_value_loss(v, old, R, mask, clip=0.2)
+    loss.backward()
+    want = torch.tensor([[(0.1 - 1.0) / M,     # inside [-0.2, 0.2]
+                          (-0.15 + 2.0) / M,   # inside
+                          0.0,                 # V above the range, clipped error (0.64) > error (0.25)
+                          0.5 / M,             # V above the range, error (0.25) > clipped (0.04)
+                          0.0,                 # V below the range, clipped error (0.64) > error (0.25)
+                          (-0.5 - 0.3) / M,    # V below the range, error (0.64) > clipped (0.25)
+                          0.0]])               # pad
+    torch.testing.assert_close(v.grad, want)
+    errs = [0.81, 1.85 ** 2, 0.64, 0.25, 0.64, 0.64]
+    assert loss.item() == pytest.approx(0.5 * sum(errs) / M, rel=1e-6)
+    assert stats["value_clip_frac"] == pytest.approx(2 / 6)
+
+
+def test_ppo_pads_contribute_zero():
+    # Garbage (nan, inf, huge) at pad positions of every input: same losses as without it, gradient exactly 0 there.
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    clean = dict(logp=torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]]), old=torch.tensor([[-1.2, -1.9, 0.0], [-0.4, 0.0, 0.0]]),
+                 adv=torch.tensor([[0.5, -1.0, 0.0], [2.0, 0.0, 0.0]]), v=torch.tensor([[0.1, 0.4, 0.0], [-0.3, 0.0, 0.0]]),
+                 ret=torch.tensor([[0.0, 1.0, 0.0], [0.2, 0.0, 0.0]]), vold=torch.tensor([[0.3, 0.3, 0.0], [-0.1, 0.0, 0.0]]))
+    dirty = {k: torch.where(mask, t, torch.tensor([[NAN, NAN, INF], [1e30, -INF, NAN]])) for k, t in clean.items()}
+    out = {}
+    for name, d in (("clean", clean), ("dirty", dirty)):
+        logp, v = d["logp"].clone().requires_grad_(), d["v"].clone().requires_grad_()
+        lp, _ = ppo.ppo_policy_loss(logp, d["old"], d["adv"], mask)
+        lv, _ = ppo.ppo_value_loss(v, d["vold"], d["ret"], mask)
+        (lp + lv).backward()
+        out[name] = (lp.detach(), lv.detach(), logp.grad, v.grad)
+        assert torch.isfinite(logp.grad).all() and torch.isfinite(v.grad).all()
+        assert (logp.grad[~mask] == 0).all() and (v.grad[~mask] == 0).all()
+    for a, b in zip(out["clean"], out["dirty"]):
+        torch.testing.assert_close(a, b)
+    # Rewards and GAE: pads are 0 whatever they held.
+    r = ppo.kl_shaped_rewards(torch.tensor([1.0, 2.0]), dirty["logp"], dirty["old"], mask)
+    adv, ret = ppo.gae(r, dirty["v"], mask)
+    for t in (r, adv, ret):
+        assert (t[~mask] == 0).all() and torch.isfinite(t).all()
+
+
+# --------------------------------------------------------------------------- the critic
+
+def test_ppo_critic_initialised_from_reward_model():
+    policy, _, rm, critic = _ppo_models()
+    rm_sd, c_sd = rm.state_dict(), critic.state_dict()
+    assert rm_sd.keys() == c_sd.keys()
+    for k in rm_sd:
+        torch.testing.assert_close(c_sd[k], rm_sd[k], rtol=0, atol=0)
+        assert c_sd[k].data_ptr() != rm_sd[k].data_ptr()               # a copy, not shared storage
+    assert all(p.requires_grad for p in critic.parameters())            # trainable although the RM is frozen
+    assert not any(p.requires_grad for p in rm.parameters())
+    prompt, prompt_mask, response, response_mask = _ppo_batch()
+    tokens, mask = torch.cat([prompt, response], 1), torch.cat([prompt_mask, response_mask], 1)
+    with torch.no_grad():
+        values = critic(tokens, mask)
+        scores = rm(tokens, mask)
+    # V read at the last real token is the RM score: the critic is the RM read at every position.
+    last = torch.tensor([7, 5])
+    torch.testing.assert_close(values[torch.arange(2), last], scores)
+    # V(s_t), s_t = (x, a_<t), is the RM's score of the prefix x + a_<t.
+    with torch.no_grad():
+        v = ppo.response_values(critic, prompt, prompt_mask, response, response_mask)
+        for b, L in enumerate([4, 2]):
+            for t in range(L):
+                pre = torch.cat([prompt[b:b + 1], response[b:b + 1, :t]], 1)
+                pre_mask = torch.cat([prompt_mask[b:b + 1], response_mask[b:b + 1, :t]], 1)
+                torch.testing.assert_close(v[b, t], rm(pre, pre_mask)[0], atol=1e-5, rtol=1e-5)
+    # Training the critic leaves the RM alone.
+    critic.score.weight.data.add_(1.0)
+    torch.testing.assert_close(rm.score.weight, rm_sd["score.weight"])
+
+
+# --------------------------------------------------------------------------- ppo_step end to end
+
+def test_ppo_steps_end_to_end():
+    policy, ref, rm, critic = _ppo_models()
+    reward_fn = ModelReward(rm)
+    opt_p = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=1e-2)
+    p0 = {k: v.clone() for k, v in policy.state_dict().items()}
+    c0 = {k: v.clone() for k, v in critic.state_dict().items()}
+    frozen0 = [{k: v.clone() for k, v in m.state_dict().items()} for m in (ref, rm)]
+    prompt, prompt_mask, _, _ = _ppo_batch()
+    g = torch.Generator().manual_seed(3)
+    calls = []
+
+    def update(model, opt, loss):
+        calls.append(model)
+        return ppo._update(model, opt, loss)
+
+    for step in range(3):
+        ro = remax.rollout(policy, prompt, prompt_mask, reward_fn, baseline="none", max_new_tokens=6, generator=g)
+        stats = ppo.ppo_step(policy, critic, ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask,
+                             ro.reward, opt_policy=opt_p, opt_critic=opt_c, update=update)
+        for k in ("loss", "policy_loss", "value_loss", "kl", "grad_norm", "critic_grad_norm", "advantage_mean",
+                  "return_mean", "entropy", "approx_kl", "ratio_clip_frac", "value_clip_frac", "length"):
+            assert math.isfinite(stats[k]), (step, k, stats[k])
+        # One step per rollout: pi_old = pi_theta, so the ratio is 1 and nothing is clipped.
+        assert stats["approx_kl"] == 0.0 and stats["ratio_clip_frac"] == 0.0 and stats["value_clip_frac"] == 0.0
+        if step == 0:
+            assert stats["kl"] == pytest.approx(0.0, abs=1e-6)           # policy == ref before any update
+    assert stats["kl"] != 0.0
+    assert calls == [policy, critic] * 3
+    for before, model in ((p0, policy), (c0, critic)):
+        after = model.state_dict()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert changed, "no parameter changed"
+        assert all(torch.isfinite(v).all() for v in after.values())
+    assert "score.weight" in [k for k in c0 if not torch.equal(c0[k], critic.state_dict()[k])]
+    for before, model in zip(frozen0, (ref, rm)):
+        for k, v in model.state_dict().items():
+            assert torch.equal(before[k], v), f"frozen model changed at {k}"
+
+
+def test_ppo_step_pad_tokens_do_not_matter_and_precomputed_experience():
+    # Tokens after a response's end are masked everywhere: any garbage there gives the same update. And passing
+    # ppo.experience(...) in (as bench.py does) is the same step as letting ppo_step compute it.
+    prompt, prompt_mask, response, response_mask = _ppo_batch()
+    score = torch.tensor([0.7, -1.3])
+    deltas = []
+    for variant in range(3):
+        policy, ref, _, critic = _ppo_models()
+        resp = response.clone()
+        if variant == 1:
+            resp[1, 2:] = torch.tensor([40, 41])
+        kw = {}
+        if variant == 2:
+            kw = dict(zip(("logp_ref", "values_old"), ppo.experience(critic, ref, prompt, prompt_mask, resp, response_mask)))
+        p0 = [p.detach().clone() for p in list(policy.parameters()) + list(critic.parameters())]
+        stats = ppo.ppo_step(policy, critic, ref, prompt, prompt_mask, resp, response_mask, score,
+                             opt_policy=torch.optim.SGD(policy.parameters(), lr=1.0),
+                             opt_critic=torch.optim.SGD(critic.parameters(), lr=1.0), **kw)
+        deltas.append(([p.detach() - q for p, q in zip(list(policy.parameters()) + list(critic.parameters()), p0)], stats))
+    for d, s in deltas[1:]:
+        for a, b in zip(deltas[0][0], d):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert s["loss"] == pytest.approx(deltas[0][1]["loss"], rel=1e-5, abs=1e-7)
+        assert s["value_loss"] == pytest.approx(deltas[0][1]["value_loss"], rel=1e-5)
+    policy, ref, _, critic = _ppo_models()
+    lp, _ = ppo.experience(critic, ref, prompt, prompt_mask, response, response_mask)
+    with pytest.raises(ValueError, match="both logp_ref and values_old"):
+        ppo.ppo_step(policy, critic, ref, prompt, prompt_mask, response, response_mask, score, opt_policy=None,
+                     opt_critic=None, logp_ref=lp)
+
+
+# --------------------------------------------------------------------------- bench
+# bench.py smoke runs: each subcommand writes well-formed JSON with the expected keys (no timing assertions).
+
+
+def _bench_run(tmp_path, *argv):
+    out = tmp_path / f"{argv[0]}.json"
+    result = bench.main([*argv, "--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))      # what is returned is what is written
+    return result
+
+
+def test_bench_gen_smoke(tmp_path):
+    r = _bench_run(tmp_path, "gen")
+    assert r["cmd"] == "gen" and r["size"] == "smoke" and r["ratio"] > 0
+    for name in ("ours", "hf"):
+        assert set(r[name]) >= {"total_s", "prefill_s", "tok_s", "decode_tok_s", "shape"}
+        assert r[name]["shape"] == [r["batch"], r["new_tokens"]]
+
+
+def test_bench_step_smoke(tmp_path):
+    r = _bench_run(tmp_path, "step")
+    assert r["cmd"] == "step" and r["device"] == "cpu" and r["batch"] == 2 and r["new_tokens"] == 4
+    for name, models, optimizers in (("remax", 3, 1), ("ppo", 4, 2)):
+        x = r[name]
+        assert x["models"] == models and x["optimizers"] == optimizers
+        assert set(x["seconds"]) == {"generation", "scoring", "training", "total"}
+        assert all(v >= 0 for v in x["seconds"].values())
+        assert len(x["steps"]) == r["repeats"] and x["peak_bytes"] > 0 and x["base_bytes"] > 0
+        assert set(x["params"]) == ({"policy", "ref", "rm", "critic"} if name == "ppo" else {"policy", "ref", "rm"})
+    assert r["ppo"]["params"]["critic"] == r["ppo"]["params"]["rm"]          # the critic has the RM's shape
+    assert set(r["ratio"]) == {"generation_s", "scoring_s", "training_s", "total_s", "peak_memory",
+                               "peak_memory_above_base"}
+    assert r["ratio"]["peak_memory"] > 0
+
+
+def test_bench_maxbatch_smoke(tmp_path):
+    r = _bench_run(tmp_path, "maxbatch", "--sim_limit", "3")
+    assert r["cmd"] == "maxbatch" and r["simulated"] and r["sim_limit"] == 3
+    for name in ("remax", "ppo"):
+        x = r[name]
+        assert x["max_batch"] == 3 and not x["capped"] and x["models"] == (3 if name == "remax" else 4)
+        assert [t["batch"] for t in x["trials"]] == [1, 2, 4, 3]
+        assert [t["fits"] for t in x["trials"]] == [True, True, False, True]
+    assert r["ratio"] == 1.0
+
+
+def test_bench_maxbatch_without_cuda_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "mb.json"
+    assert bench.main(["maxbatch", "--out", str(out)]) is None
+    assert "needs a CUDA device" in capsys.readouterr().out
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("limit", [0, 1, 5, 7, 8, 100, 1000, 5000])
+@pytest.mark.parametrize("tol", [0.0, 0.1])
+def test_bench_search_max(limit, tol):
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= limit
+
+    best, capped = bench.search_max(fits, start=1, cap=4096, tol=tol)
+    assert capped == (limit >= 4096)
+    assert best <= limit and (limit - best <= max(1, int(tol * best)) if not capped else best == 4096)
+    if tol == 0.0:
+        assert best == min(limit, 4096)
+    assert len(tried) == len(set(tried)) <= 2 * 13
