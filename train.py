@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -28,20 +29,28 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import data
+import ppo
 import remax
 from model import ModelConfig, Tokenizer, Transformer, generate, read_json, response_logprobs
-from reward import ModelReward, RewardModel, bradley_terry_loss
+from reward import ModelReward, RetokenizedReward, RewardModel, bradley_terry_loss, mistral_to_ultrarm
 
 
 @dataclass
 class Config:
     stage: str = "demo"            # demo (all three on the built-in task) | sft | rm | remax
+    algo: str = "remax"            # remax | ppo (the paper's comparison, ppo.py; stage remax only)
+    critic: str = ""               # ppo: critic init (RM folder); default --reward_model, as DS-Chat
+    critic_lr: float = 5e-6        # ppo: the critic's peak learning rate (same schedule as --lr)
     example: str = ""              # smollm2-sentiment: ReMax on a real pretrained model with a VADER reward (README)
     policy: str = ""               # HF folder: model to fine-tune (sft), to initialise the RM from (rm), SFT policy (remax)
     reward_model: str = ""         # HF *ForSequenceClassification folder (remax)
+    reward_format: str = "same"    # same: the RM reads the policy's tokens (official) | ultrarm: decode, re-template
+                                   # as "Human: ..\nAssistant: ..", re-encode with the RM's tokenizer (Mistral + UltraRM)
     tokenizer: str = ""            # HF folder with tokenizer.json; default: --policy
     data: str = ""                 # JSONL: SFT pairs (sft) | preference pairs (rm) | prompts (remax)
     eval_data: str = ""            # JSONL held out for evaluation; default: the last eval_size records of --data
+    split: str = ""                # sft | rm | remax: that part of the paper's 20/40/40 split of --data ("" = all)
+    data_seed: int = 1234          # the split's shuffle (official)
     eval_size: int = 64
     prompt_format: str = "auto"    # auto (chat template if the tokenizer has one, else hh) | chat | hh | plain
     out_dir: str = "out/run"
@@ -73,6 +82,7 @@ class Config:
     dtype: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     activation_checkpointing: bool = False
     eval_every: int = 0            # 0 = only before and after training
+    gold: str = ""                 # synthetic: also score held-out greedy answers with the built-in task's gold score
     target_kl: float = 0.0         # stop once eval KL reaches it (official 1.0); 0 = never
     save_every: int = 0            # 0 = no periodic checkpoints (the final export is always written)
     resume: bool = False
@@ -157,18 +167,17 @@ def shard(model, blocks, cfg: Config, ctx: Dist, trainable: bool):
     return model
 
 
-def load_model(path, cfg: Config, ctx: Dist, trainable: bool, reward: bool = False):
+def load_model(path, cfg: Config, ctx: Dist, trainable: bool, cls=Transformer):
     """Build on the meta device, shard, then rank 0 reads the checkpoint and broadcasts the shards.
 
     Only rank 0 holds a full copy (in host memory), so 8 ranks need not 8x the host memory.
     """
     path = Path(path)
     config = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
-    cls = RewardModel if reward else Transformer
     with torch.device("meta"):
         model = cls(config)
-    backbone = model.model if reward else model
-    state = cls.from_pretrained(path).state_dict() if ctx.rank == 0 else {}
+    backbone = model.model if isinstance(model, RewardModel) else model
+    state = on_rank0(ctx, lambda: cls.from_pretrained(path).state_dict()) or {}
     dtype = torch.float32 if trainable else compute_dtype(cfg, ctx)
     model.to(dtype)
     shard(model, backbone.layers, cfg, ctx, trainable)
@@ -242,32 +251,44 @@ def optimizer_step(model, opt, cfg: Config, lr: float) -> float | None:
 
 # --------------------------------------------------------------------------- checkpoints and metrics
 
-def save_checkpoint(model, opt, step: int, gen: torch.Generator, cfg: Config, ctx: Dist):
-    """DCP checkpoint written to a temp folder and renamed, then `latest` updated: a kill never corrupts."""
+def _train_state(trained: dict, gen: torch.Generator) -> dict:
+    state = {"rng": gen.get_state()}
+    for name, (model, opt) in trained.items():
+        state[name], state[f"{name}_optim"] = get_state_dict(model, opt)
+    return state
+
+
+def save_checkpoint(trained: dict, step: int, gen: torch.Generator, cfg: Config, ctx: Dist):
+    """DCP checkpoint of {name: (model, optimizer)} and the sampling RNG, written to a temp folder and
+    renamed, then `latest` updated: a kill at any moment leaves the previous checkpoint loadable."""
     root = Path(cfg.out_dir) / "checkpoints"
     final, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd, "rng": gen.get_state()}, checkpoint_id=str(tmp))
+    on_rank0(ctx, lambda: shutil.rmtree(tmp, ignore_errors=True))        # left by a run killed mid-save
+    dcp.save(_train_state(trained, gen), checkpoint_id=str(tmp))
     dist.barrier()
     if ctx.rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}))
-        os.replace(tmp, final) if not final.exists() else None
+        shutil.rmtree(final, ignore_errors=True)         # a stale copy from a run that died after this step
+        os.replace(tmp, final)
         atomic_write(root / "latest", final.name)
     dist.barrier()
 
 
-def load_checkpoint(model, opt, gen: torch.Generator, cfg: Config) -> int:
-    """Restore the newest complete checkpoint; returns the step to continue from (0 if none)."""
+def load_checkpoint(trained: dict, gen: torch.Generator, cfg: Config) -> int:
+    """Restore the newest complete checkpoint; returns the step to continue from (0 if none).
+
+    Complete = renamed from its temp folder (meta.json is written before the rename), so even a kill
+    between the rename and the `latest` update resumes from the newest one.
+    """
     root = Path(cfg.out_dir) / "checkpoints"
-    if not (root / "latest").is_file():
+    done = sorted(root.glob("step_*/meta.json"))
+    if not done:
         return 0
-    path = root / (root / "latest").read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{path}: checkpoint named by {root / 'latest'} is incomplete (no meta.json)")
-    model_sd, optim_sd = get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": optim_sd, "rng": gen.get_state()}
+    path = done[-1].parent
+    state = _train_state(trained, gen)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, (model, opt) in trained.items():
+        set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
     gen.set_state(state["rng"])
     return json.loads((path / "meta.json").read_text())["step"]
 
@@ -278,6 +299,13 @@ def atomic_write(path: Path, text: str):
     os.replace(tmp, path)
 
 
+def _json_or_none(line: str):
+    try:                                   # a kill mid-write leaves at most one partial last line
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 class Metrics:
     """One JSON line per step (rank 0); on resume, lines past the restored step are dropped."""
 
@@ -285,7 +313,8 @@ class Metrics:
         self.path, self.on = path, ctx.rank == 0
         if self.on and path.exists():
             # Row k is logged after step k; a fresh run (start 0) starts the file anew.
-            keep = [l for l in path.read_text().splitlines() if l and 0 < start_step >= json.loads(l)["step"]]
+            keep = [l for l in map(_json_or_none, path.read_text().splitlines()) if l and 0 < start_step >= l["step"]]
+            keep = [json.dumps(l) for l in keep]
             atomic_write(path, "".join(l + "\n" for l in keep))
 
     def write(self, row: dict):
@@ -294,16 +323,30 @@ class Metrics:
                 f.write(json.dumps(row) + "\n")
 
 
+def on_rank0(ctx: Dist, fn):
+    """fn() on rank 0 only; if it fails every rank raises, so no rank is left waiting in a collective."""
+    result, error = None, None
+    if ctx.rank == 0:
+        try:
+            result = fn()
+        except (ValueError, OSError) as e:
+            error = e
+    if ctx.sum(float(error is not None)):
+        raise error or RuntimeError("rank 0 failed (its message is above)")
+    return result
+
+
 def start_run(cfg: Config, ctx: Dist) -> Path:
     out = Path(cfg.out_dir)
-    if ctx.rank == 0:
+
+    def write_config():
         try:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         except OSError as e:
-            raise SystemExit(f"--out_dir {out}: not writable ({e.strerror})")
+            raise OSError(f"--out_dir {out}: not writable ({e.strerror})") from None
         print(f"[{cfg.stage}] world={ctx.world} device={ctx.device} config:\n{json.dumps(asdict(cfg), indent=1)}", flush=True)
-    dist.barrier()
+    on_rank0(ctx, write_config)
     return out
 
 
@@ -325,88 +368,126 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
     on greedy responses of held-out prompts (the built-in task's programmatic score).
     """
     out = start_run(cfg, ctx)
+    gold = data.gold_score if cfg.gold == "synthetic" else gold
     tok = Tokenizer(cfg.tokenizer or cfg.policy)
     train_prompts, eval_prompts = load_prompts(cfg, tok, ctx)
     policy = load_model(cfg.policy, cfg, ctx, trainable=True)
     ref = load_model(cfg.policy, cfg, ctx, trainable=False)      # pi_ref: the frozen SFT init
     if reward_fn is None:
-        reward_fn = ModelReward(load_model(cfg.reward_model, cfg, ctx, trainable=False, reward=True))
+        rm = load_model(cfg.reward_model, cfg, ctx, trainable=False, cls=RewardModel)
+        reward_fn = ModelReward(rm) if cfg.reward_format == "same" else \
+            RetokenizedReward(rm, Tokenizer(cfg.reward_model), tok, mistral_to_ultrarm)
     opt = make_optimizer(policy, cfg)
+    trained = {"model": (policy, opt)}
+    if cfg.algo == "ppo":                     # the paper's comparison: a critic initialised from the RM
+        critic = load_model(cfg.critic or cfg.reward_model, cfg, ctx, trainable=True, cls=ppo.Critic)
+        trained["critic"] = (critic, make_optimizer(critic, cfg))
     gen = torch.Generator(ctx.device).manual_seed(cfg.seed)
     opts = remax_options(cfg)
     steps_per_epoch = len(train_prompts) // cfg.batch_size
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     if steps_per_epoch == 0:
         raise ValueError(f"--data: {len(train_prompts)} prompts are fewer than one batch (--batch_size {cfg.batch_size})")
-    start = load_checkpoint(policy, opt, gen, cfg) if cfg.resume else 0
+    start = load_checkpoint(trained, gen, cfg) if cfg.resume else 0
     metrics = Metrics(out / "metrics.jsonl", ctx, start)
-    log(ctx, f"[remax] {len(train_prompts)} prompts, {total} steps of {cfg.batch_size}, options {opts}")
+    log(ctx, f"[{cfg.algo}] {len(train_prompts)} prompts, {total} steps of {cfg.batch_size}, "
+             + (f"options {opts}" if cfg.algo == "remax" else f"kl_ctl {ppo_kl(cfg)}, critic_lr {cfg.critic_lr}"))
     evaluate = lambda: eval_policy(policy, ref, reward_fn, eval_prompts, tok, cfg, ctx, gold)
     first = evaluate() if start == 0 else None
     if first:
         metrics.write({"step": 0, **{f"eval/{k}": v for k, v in first.items()}})
-        log(ctx, "[remax] before: " + fmt(first))
+        log(ctx, f"[{cfg.algo}] before: " + fmt(first))
     best, bad = -math.inf, 0
     local = ctx.split(cfg.batch_size)
     for step in range(start, total):
         t0 = time.perf_counter()
+        lr = lr_at(step, cfg, total)
         idx = data.batch_indices(len(train_prompts), cfg.batch_size, step, cfg.seed, ctx.rank, ctx.world)
         prompt, prompt_mask = data.left_pad([train_prompts[i] for i in idx], tok_pad(tok), ctx.device)
         with gathered(policy):                                                  # Algorithm 1 lines 3-5
-            ro = remax.rollout(policy, prompt, prompt_mask, reward_fn, baseline=cfg.baseline,
+            ro = remax.rollout(policy, prompt, prompt_mask, reward_fn,
+                               baseline="none" if cfg.algo == "ppo" else cfg.baseline,
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                top_k=cfg.top_k, generator=gen, row_offset=local.start, total_rows=cfg.batch_size)
         t_gen = time.perf_counter() - t0
-        with torch.no_grad():
-            ref_logp, _ = response_logprobs(ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)
-        logp, entropy = response_logprobs(policy, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)  # line 6
-        # pi_old = pi_theta: one step per batch, no dropout, so the sampling-time log-probs are these.
-        loss, stats = remax.remax_loss(logp, logp.detach(), ref_logp, ro.reward, ro.baseline, ro.response_mask, **opts)
-        finite = bool(torch.isfinite(ro.reward).all() and torch.isfinite(ro.baseline).all() and torch.isfinite(loss))
-        if not ctx.sum(0.0 if finite else 1.0):
-            # Token-mean is over the *global* batch: every rank's loss is rescaled so that FSDP's
-            # gradient average equals one process with the whole batch (world-size invariant).
-            if opts["norm"] == "token_mean":
-                n = ro.response_mask.sum().item()
-                loss = loss * n * ctx.world / ctx.sum(n)
-            loss.backward()                                                     # line 7
-            grad_norm = optimizer_step(policy, opt, cfg, lr_at(step, cfg, total))
+        # Losses are token means over the *global* batch (official): rescale each rank's local mean so
+        # that FSDP's gradient average equals one process with the whole batch, whatever the world size.
+        n_local = ro.response_mask.sum().item()
+        scale = n_local * ctx.world / max(1.0, ctx.sum(n_local))
+
+        def update(model, optimizer, loss, scale=scale):
+            if ctx.sum(0.0 if torch.isfinite(loss) else 1.0):               # every rank skips together
+                model.zero_grad(set_to_none=True)
+                return None
+            (loss * scale).backward()
+            return optimizer_step(model, optimizer, cfg, lr * (cfg.critic_lr / cfg.lr if model is not policy else 1))
+
+        finite = torch.isfinite(ro.reward) & torch.isfinite(ro.baseline)
+        if ctx.sum(float((~finite).sum())):                                     # a NaN/inf reward: skip the step
+            stats, grad_norm = {}, None
+        elif cfg.algo == "ppo":
+            critic, opt_critic = trained["critic"]
+            stats = ppo.ppo_step(policy, critic, ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask,
+                                 ro.reward, opt_policy=opt, opt_critic=opt_critic, update=update, kl_ctl=ppo_kl(cfg))
+            grad_norm = stats.pop("grad_norm")
+            stats.update(loss=stats["loss"] * scale, value_loss=stats["value_loss"] * scale)   # global token means
+            stats["critic_grad_norm"] = float("nan") if stats["critic_grad_norm"] is None else stats["critic_grad_norm"]
         else:
-            policy.zero_grad(set_to_none=True)
-            grad_norm = None
+            with torch.no_grad():
+                ref_logp, _ = response_logprobs(ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)
+            logp, entropy = response_logprobs(policy, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)  # line 6
+            # pi_old = pi_theta: one step per batch, no dropout, so the sampling-time log-probs are these.
+            loss, stats = remax.remax_loss(logp, logp.detach(), ref_logp, ro.reward, ro.baseline, ro.response_mask, **opts)
+            s = scale if opts["norm"] == "token_mean" else 1.0
+            grad_norm = update(policy, opt, loss, s)                                                # line 7
+            stats.update(loss=loss.item() * s, entropy=masked_mean(entropy, ro.response_mask))
         bad = bad + 1 if grad_norm is None else 0
-        row = {"step": step + 1, "loss": loss.item(), **stats, **ro.stats, "entropy": masked_mean(entropy, ro.response_mask),
-               "grad_norm": grad_norm, "lr": lr_at(step, cfg, total), "skipped": grad_norm is None}
+        row = {**stats, **ro.stats, "grad_norm": grad_norm, "lr": lr, "skipped": grad_norm is None}
         row = {**ctx.mean({k: float("nan") if v is None else float(v) for k, v in row.items()}), "step": step + 1}
         if grad_norm is None:
-            row["bad_prompts"] = [int(i) for i in idx[~torch.isfinite(ro.reward[:len(idx)]).cpu()]] if not finite else []
-            log(ctx, f"[remax] step {step + 1}: non-finite reward/loss/grad norm, step skipped ({bad} in a row)")
+            row["bad_prompts"] = bad_prompts(~finite, len(train_prompts), step, cfg, ctx)
+            log(ctx, f"[{cfg.algo}] step {step + 1}: non-finite reward/loss/grad norm (prompts {row['bad_prompts']}), "
+                     f"step skipped ({bad} in a row)")
         dt = time.perf_counter() - t0
-        row.update(t_gen=t_gen, t_train=dt - t_gen, tokens_per_s=ctx.sum(ro.response_mask.sum().item()) / dt,
-                   peak_mem_gb=peak_memory_gb(ctx))
+        row.update(t_gen=t_gen, t_train=dt - t_gen, tokens_per_s=ctx.sum(n_local) / dt, peak_mem_gb=peak_memory_gb(ctx))
         if (step + 1) % max(1, cfg.eval_every or total) == 0 or step + 1 == total:
             ev = evaluate()
             row.update({f"eval/{k}": v for k, v in ev.items()})
-            log(ctx, f"[remax] step {step + 1}: " + fmt(ev))
+            log(ctx, f"[{cfg.algo}] step {step + 1}: " + fmt(ev))
             if ev["reward_greedy"] > best:
                 best = ev["reward_greedy"]
                 export(policy, out / "best", ctx, tok)
             if cfg.target_kl and ev["kl"] >= cfg.target_kl:
-                log(ctx, f"[remax] eval KL {ev['kl']:.3f} reached --target_kl {cfg.target_kl}: stopping")
+                log(ctx, f"[{cfg.algo}] eval KL {ev['kl']:.3f} reached --target_kl {cfg.target_kl}: stopping")
                 metrics.write(row)
                 break
         metrics.write(row)
         if step % 10 == 0 or step + 1 == total:
-            log(ctx, f"[remax] step {step + 1}/{total} loss {row['loss']:.4f} reward {row.get('reward_mean', 0):.3f} "
-                     f"baseline {row.get('baseline_mean', 0):.3f} kl {row.get('kl', 0):.4f} {dt:.2f}s")
+            log(ctx, f"[{cfg.algo}] step {step + 1}/{total} loss {row.get('loss', math.nan):.4f} reward "
+                     f"{row.get('reward_mean', math.nan):.3f} baseline {row.get('baseline_mean', 0):.3f} "
+                     f"kl {row.get('kl', math.nan):.4f} {dt:.2f}s")
         if bad >= cfg.max_bad_steps:
-            raise SystemExit(f"[remax] {bad} consecutive non-finite steps (--max_bad_steps {cfg.max_bad_steps}): stopping; "
-                             "check the reward function and lower --lr")
+            raise SystemExit(f"[{cfg.algo}] {bad} consecutive non-finite steps (--max_bad_steps {cfg.max_bad_steps}): "
+                             "stopping; check the reward function and lower --lr")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(policy, opt, step + 1, gen, cfg, ctx)
+            save_checkpoint(trained, step + 1, gen, cfg, ctx)
     export(policy, out / "final", ctx, tok)
-    log(ctx, f"[remax] wrote {out / 'final'} (best eval: {out / 'best'}), metrics {out / 'metrics.jsonl'}")
+    log(ctx, f"[{cfg.algo}] wrote {out / 'final'} (best eval: {out / 'best'}), metrics {out / 'metrics.jsonl'}")
     return {"before": first, "after": evaluate()}
+
+
+def ppo_kl(cfg: Config) -> float:
+    return 0.1 if cfg.beta is None else cfg.beta                 # DS-Chat's kl_ctl
+
+
+def bad_prompts(bad_rows, n: int, step: int, cfg: Config, ctx: Dist) -> list[int]:
+    """Indices into --data of the prompts whose rollout had a non-finite reward, over all ranks."""
+    flags = torch.zeros(cfg.batch_size, device=ctx.device)
+    B = flags.shape[0] // ctx.world
+    flags[ctx.rank * B:(ctx.rank + 1) * B] = bad_rows.view(-1, B).any(0).float()   # rloo: 2 rows per prompt
+    dist.all_reduce(flags)
+    batch = data.batch_indices(n, cfg.batch_size, step, cfg.seed)             # the global batch, ranks joined
+    return [int(i) for i in batch[flags.cpu() > 0]]
 
 
 @torch.no_grad()
@@ -454,9 +535,19 @@ def tok_pad(tok: Tokenizer) -> int:
     return tok.pad_id if tok.pad_id is not None else tok.eos_id
 
 
+SPLITS = ("sft", "rm", "remax")
+
+
+def read_data(cfg: Config, reader) -> list[dict]:
+    """--data through `reader`; with --split, only that part of the paper's 2:4:4 split (the same rows
+    for all three stages, so SFT, RM and RL data never overlap, as in the official data_split 2,4,4)."""
+    records = reader(cfg.data)
+    return data.split_records(records, (2, 4, 4), cfg.data_seed)[SPLITS.index(cfg.split)] if cfg.split else records
+
+
 def load_prompts(cfg: Config, tok: Tokenizer, ctx: Dist):
     """Step-3 prompts x ~ rho (token ids), and the held-out evaluation prompts."""
-    records = data.read_prompts(cfg.data)
+    records = read_data(cfg, data.read_prompts)
     held = data.read_prompts(cfg.eval_data) if cfg.eval_data else records[-cfg.eval_size:]
     if not cfg.eval_data:
         records = records[:-cfg.eval_size]
@@ -475,7 +566,7 @@ def fit(cfg: Config, ctx: Dist, model, examples: list, loss_fn, name: str, eval_
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     total = cfg.max_steps or data.steps_per_epoch(len(examples), cfg.batch_size) * cfg.epochs
-    start = load_checkpoint(model, opt, gen, cfg) if cfg.resume else 0
+    start = load_checkpoint({"model": (model, opt)}, gen, cfg) if cfg.resume else 0
     metrics = Metrics(out / "metrics.jsonl", ctx, start)
     ctx.split(cfg.batch_size)
     log(ctx, f"[{name}] {len(examples)} examples, {total} steps of {cfg.batch_size}")
@@ -503,7 +594,7 @@ def fit(cfg: Config, ctx: Dist, model, examples: list, loss_fn, name: str, eval_
             log(ctx, f"[{name}] step {step + 1}/{total} " + fmt({k: v for k, v in row.items()
                                                                  if isinstance(v, float) and k != "seconds"}))
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(model, opt, step + 1, gen, cfg, ctx)
+            save_checkpoint({"model": (model, opt)}, step + 1, gen, cfg, ctx)
     return out
 
 
@@ -511,7 +602,7 @@ def train_sft(cfg: Config, ctx: Dist) -> Path:
     """Step 1: maximise log pi(response | prompt) on demonstrations (loss on response tokens and EOS only)."""
     out = start_run(cfg, ctx)
     tok = Tokenizer(cfg.tokenizer or cfg.policy)
-    examples, counts = data.encode_sft(tok, data.read_sft(cfg.data), cfg.prompt_format, cfg.max_prompt_len,
+    examples, counts = data.encode_sft(tok, read_data(cfg, data.read_sft), cfg.prompt_format, cfg.max_prompt_len,
                                        cfg.max_len - cfg.max_prompt_len, cfg.overlong)
     log(ctx, f"[data] {cfg.data}: {len(examples)} SFT pairs, {counts}")
     model = load_model(cfg.policy, cfg, ctx, trainable=True)
@@ -534,18 +625,16 @@ def train_rm(cfg: Config, ctx: Dist) -> Path:
     """Step 2: a reward model initialised from --policy, trained with the Bradley-Terry loss on preference pairs."""
     out = start_run(cfg, ctx)
     tok = Tokenizer(cfg.tokenizer or cfg.policy)
-    records = data.read_preferences(cfg.data)
+    records = read_data(cfg, data.read_preferences)
     held = data.read_preferences(cfg.eval_data) if cfg.eval_data else records[-cfg.eval_size:]
     records = records if cfg.eval_data else records[:-cfg.eval_size]
     enc = lambda r: data.encode_preferences(tok, r, cfg.prompt_format, cfg.max_prompt_len, cfg.max_len - cfg.max_prompt_len,
                                             cfg.overlong)
     (examples, counts), (held, _) = enc(records), enc(held)
     log(ctx, f"[data] {cfg.data}: {len(examples)} train / {len(held)} eval pairs, {counts}")
-    if ctx.rank == 0:
-        rm = RewardModel.init_from_policy(Transformer.from_pretrained(cfg.policy))
-        rm.save_pretrained(out / "init")
-    dist.barrier()
-    model = load_model(out / "init", cfg, ctx, trainable=True, reward=True)
+    # The paper's step 2 starts the RM from the SFT model: written once as an RM folder, then loaded sharded.
+    on_rank0(ctx, lambda: RewardModel.init_from_policy(Transformer.from_pretrained(cfg.policy)).save_pretrained(out / "init"))
+    model = load_model(out / "init", cfg, ctx, trainable=True, cls=RewardModel)
 
     def loss_fn(model, batch):
         tokens, mask = data.preference_batch(batch, tok_pad(tok), ctx.device)
@@ -569,13 +658,20 @@ def train_rm(cfg: Config, ctx: Dist) -> Path:
 
 DEMO_MODEL = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192, max_seq_len=64,
                   bos_id=1, eos_id=2, pad_id=0)
+# The demo's three stages (python train.py); `bench.py curves` reuses DEMO_COMMON and DEMO_REMAX.
+DEMO_COMMON = dict(max_prompt_len=16, max_len=32, prompt_format="chat", weight_decay=0.0, eval_size=64)
+DEMO_SFT = dict(lr=3e-3, batch_size=32, epochs=2, warmup_steps=10)
+DEMO_RM = dict(lr=1e-3, batch_size=32, epochs=1, warmup_steps=10)
+DEMO_REMAX = dict(lr=2e-4, batch_size=32, max_steps=60, eval_every=20, max_new_tokens=12, top_p=1.0, beta=0.01,
+                  gold="synthetic")
 
 
 def demo(cfg: Config, ctx: Dist):
     """All three steps on the built-in task (data.synthetic_task), with a tiny model, on a CPU in minutes.
 
-    The task: answer a few letters with each of them once. SFT imitates a sloppy demonstrator, the RM
-    learns noisy preferences, and ReMax should raise both the RM's and the gold score of greedy answers.
+    The task: spell the prompt's letters in order. SFT imitates a sloppy demonstrator, the RM learns
+    noisy preferences, and ReMax should raise both the RM's and the gold score of greedy answers.
+    --lr, --max_steps, --preset, --baseline, --algo and --seed given on the command line apply to step 3.
     """
     root = Path(cfg.out_dir if cfg.out_dir != Config.out_dir else "out/demo")
     names = {"sft": "sft.jsonl", "rm": "preferences.jsonl", "remax": "prompts.jsonl", "eval": "eval_prompts.jsonl"}
@@ -586,16 +682,15 @@ def demo(cfg: Config, ctx: Dist):
         init = Transformer(ModelConfig(**DEMO_MODEL)).init_weights(generator=torch.Generator().manual_seed(cfg.seed))
         init.save_pretrained(root / "init", extra_files=Tokenizer(tok_dir).files())
     dist.barrier()
-    common = dict(seed=cfg.seed, device=cfg.device, max_prompt_len=16, max_len=32, prompt_format="chat",
-                  weight_decay=0.0, eval_size=64)
+    common = dict(seed=cfg.seed, device=cfg.device, **DEMO_COMMON)
     sft = train_sft(Config(stage="sft", policy=str(root / "init"), data=str(files["sft"]), out_dir=str(root / "sft"),
-                           lr=3e-3, batch_size=32, epochs=2, warmup_steps=10, **common), ctx)
+                           **DEMO_SFT, **common), ctx)
     rm = train_rm(Config(stage="rm", policy=str(sft), data=str(files["rm"]), out_dir=str(root / "rm"),
-                         lr=1e-3, batch_size=32, epochs=1, warmup_steps=10, **common), ctx)
+                         **DEMO_RM, **common), ctx)
+    step3 = {**DEMO_REMAX, **{k: getattr(cfg, k) for k in ("lr", "max_steps", "preset", "baseline", "algo")
+                              if getattr(cfg, k) != getattr(Config, k)}}
     result = train_remax(Config(stage="remax", policy=str(sft), reward_model=str(rm), data=str(files["remax"]),
-                                eval_data=str(files["eval"]), out_dir=str(root / "remax"), lr=cfg.lr if cfg.lr != Config.lr else 2e-4,
-                                batch_size=32, max_steps=cfg.max_steps or 60, eval_every=20, max_new_tokens=12,
-                                preset=cfg.preset, top_p=1.0, beta=0.01, **common), ctx, gold=data.gold_score)
+                                eval_data=str(files["eval"]), out_dir=str(root / "remax"), **step3, **common), ctx)
     if ctx.rank == 0:
         show_samples(Path(sft), root / "remax" / "final", files["eval"])
         b, a = result["before"], result["after"]
@@ -626,10 +721,18 @@ def main(argv=None):
     stages = {"demo": demo, "sft": train_sft, "rm": train_rm, "remax": train_remax}
     if cfg.stage not in stages:
         raise SystemExit(f"--stage: expected one of {', '.join(stages)}, got {cfg.stage!r}")
+    if cfg.algo not in ("remax", "ppo"):
+        raise SystemExit(f"--algo: expected remax or ppo, got {cfg.algo!r}")
     need = {"sft": ("policy", "data"), "rm": ("policy", "data"), "remax": ("policy", "reward_model", "data")}
     for flag in need.get(cfg.stage, ()):
         if not getattr(cfg, flag):
             raise SystemExit(f"--{flag} is required for --stage {cfg.stage}")
+    if cfg.split not in ("", *SPLITS):
+        raise SystemExit(f"--split: expected one of {', '.join(SPLITS)}, got {cfg.split!r}")
+    if cfg.reward_format not in ("same", "ultrarm"):
+        raise SystemExit(f"--reward_format: expected same or ultrarm, got {cfg.reward_format!r}")
+    if cfg.gold not in ("", "synthetic"):
+        raise SystemExit(f"--gold: expected synthetic or nothing, got {cfg.gold!r}")
     if cfg.example and cfg.example not in ("smollm2-sentiment",):
         raise SystemExit(f"--example: expected smollm2-sentiment, got {cfg.example!r}")
     ctx = Dist(cfg.device)
@@ -639,6 +742,12 @@ def main(argv=None):
             convert.smollm2_sentiment(cfg, ctx)
         else:
             stages[cfg.stage](cfg, ctx)
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"train.py: out of memory on rank {ctx.rank} ({ctx.device}): lower --batch_size or "
+                         "--max_new_tokens, add --activation_checkpointing, or use more GPUs (FSDP shards "
+                         "weights and optimizer state)") from None
+    except (ValueError, OSError) as e:                       # bad input: one line, no traceback
+        raise SystemExit(f"train.py: {e}") from None
     finally:
         dist.destroy_process_group()
 
