@@ -2,7 +2,11 @@
 import copy
 import json
 import math
+import os
 import string
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1968,3 +1972,333 @@ def test_bench_search_max(limit, tol):
     if tol == 0.0:
         assert best == min(limit, 4096)
     assert len(tried) == len(set(tried)) <= 2 * 13
+
+
+# --------------------------------------------------------------------------- train
+# train.py: each stage end to end, torchrun world 2 == world 1, exact resume, the demo's improvement.
+
+
+REPO = Path(__file__).resolve().parent
+TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64,
+            bos_id=1, eos_id=2, pad_id=0)
+COMMON = ["--prompt_format", "chat", "--max_prompt_len", "16", "--max_len", "32", "--weight_decay", "0",
+          "--eval_size", "8", "--seed", "7"]
+
+
+def _train(*args, world=1, check=True):
+    """train.py in a fresh process (one process, or torchrun with `world` ranks on gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    launch = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc_per_node={world}"]
+    p = subprocess.run([*launch, "train.py", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(map(str, args))} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _rows(path):
+    return [json.loads(l) for l in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """The built-in task at toy sizes, a tiny random model, and its SFT and RM stages run once."""
+    root = tmp_path_factory.mktemp("train")
+    files = data.write_synthetic_jsonl(root / "data", seed=0, n_sft=64, n_pref=64, n_rl=32, n_eval=8)
+    tok = Tokenizer(data.write_char_tokenizer(root / "tok"))
+    init = Transformer(ModelConfig(**TINY)).init_weights(generator=torch.Generator().manual_seed(0))
+    init.save_pretrained(root / "init", extra_files=tok.files())
+    _train("--stage", "sft", "--policy", root / "init", "--data", files["sft"], "--out_dir", root / "sft",
+           "--lr", "3e-3", "--batch_size", "8", "--max_steps", "6", *COMMON)
+    _train("--stage", "rm", "--policy", root / "sft" / "final", "--data", files["rm"], "--out_dir", root / "rm",
+           "--lr", "1e-3", "--batch_size", "8", "--max_steps", "5", *COMMON)
+    return root, files
+
+
+def _remax(root, files, out, *extra, world=1, check=True):
+    return _train("--stage", "remax", "--policy", root / "sft" / "final", "--reward_model", root / "rm" / "final",
+                  "--data", files["remax"], "--eval_data", files["eval"], "--out_dir", out, "--lr", "1e-3",
+                  "--batch_size", "4", "--max_new_tokens", "6", "--beta", "0.05", *COMMON, *extra, world=world,
+                  check=check)
+
+
+def test_sft_and_rm_stages_write_config_metrics_and_loadable_checkpoints(task):
+    root, _ = task
+    sft, rm = _rows(root / "sft" / "metrics.jsonl"), _rows(root / "rm" / "metrics.jsonl")
+    assert [r["step"] for r in sft] == list(range(1, 7)) and [r["step"] for r in rm] == list(range(1, 6))
+    assert sft[-1]["loss"] < sft[0]["loss"]                       # 6 steps at lr 3e-3 learn the format
+    assert rm[0]["loss"] == pytest.approx(0.6931, abs=1e-3)       # zero-initialised head: BT loss log 2
+    assert "eval/accuracy" in rm[-1]
+    assert json.loads((root / "sft" / "config.json").read_text())["lr"] == 3e-3
+    Transformer.from_pretrained(root / "sft" / "final")
+    RewardModel.from_pretrained(root / "rm" / "final")
+    assert (root / "rm" / "final" / "tokenizer.json").is_file()
+
+
+def test_remax_stage_logs_what_the_issue_lists_and_exports_a_transformers_checkpoint(task, tmp_path):
+    root, files = task
+    _remax(root, files, tmp_path / "run", "--max_steps", "3")
+    rows = _rows(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for key in ("loss", "reward_mean", "baseline_mean", "advantage_mean", "advantage_std", "kl", "entropy", "length",
+                "sample_eq_greedy", "eos_frac", "grad_norm", "lr", "tokens_per_s", "t_gen", "t_train", "peak_mem_gb"):
+        assert all(key in r and r[key] == r[key] for r in rows[1:]), key
+    for key in ("eval/reward_greedy", "eval/reward_sampled", "eval/kl"):
+        assert key in rows[0] and key in rows[-1]
+    assert rows[0]["eval/kl"] == 0.0                              # the policy starts at the reference
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
+    ours = Transformer.from_pretrained(tmp_path / "run" / "final").eval()
+    tokens = torch.tensor([[1, 10, 11, 12, 13, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(ours.embed_tokens.weight, Transformer.from_pretrained(root / "sft" / "final").embed_tokens.weight)
+
+
+def _params(path):
+    return Transformer.from_pretrained(path).state_dict()
+
+
+@pytest.mark.parametrize("preset", ["official", "algorithm1"])
+def test_torchrun_two_processes_equal_one_process(task, tmp_path, preset):
+    """FSDP2 over 2 gloo ranks with the same global batch: same rollouts (noise by global row), same losses
+    and same final weights as one process, to float32 reduction-order tolerance (rel 1e-4)."""
+    root, files = task
+    for world in (1, 2):
+        _remax(root, files, tmp_path / f"w{world}", "--max_steps", "3", "--preset", preset, world=world)
+    one, two = _rows(tmp_path / "w1" / "metrics.jsonl"), _rows(tmp_path / "w2" / "metrics.jsonl")
+    for a, b in zip(one[1:], two[1:]):
+        for key in ("loss", "reward_mean", "baseline_mean", "kl", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    p1, p2 = _params(tmp_path / "w1" / "final"), _params(tmp_path / "w2" / "final")
+    for k in p1:
+        torch.testing.assert_close(p2[k], p1[k], rtol=1e-4, atol=1e-5)
+
+
+TIMING = {"t_gen", "t_train", "tokens_per_s", "peak_mem_gb", "seconds"}
+
+
+def _same_metrics(a, b):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
+
+
+def test_resume_continues_exactly_as_the_uninterrupted_run(task, tmp_path):
+    root, files = task
+    _remax(root, files, tmp_path / "full", "--max_steps", "4")
+    _remax(root, files, tmp_path / "cut", "--max_steps", "4", "--save_every", "2")
+    ckpt = tmp_path / "cut" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_0000004"
+    # Back to the state after step 2, as if the run had died during step 3: a stale step-4 metrics line too.
+    import shutil
+    shutil.rmtree(ckpt / "step_0000004")
+    (ckpt / "latest").write_text("step_0000002")
+    _remax(root, files, tmp_path / "cut", "--max_steps", "4", "--save_every", "2", "--resume")
+    _same_metrics(_rows(tmp_path / "full" / "metrics.jsonl"), _rows(tmp_path / "cut" / "metrics.jsonl"))
+    full, resumed = _params(tmp_path / "full" / "final"), _params(tmp_path / "cut" / "final")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_ppo_runs_through_the_same_loop_with_its_critic(task, tmp_path):
+    root, files = task
+    _remax(root, files, tmp_path / "ppo", "--algo", "ppo", "--max_steps", "3", "--save_every", "3")
+    rows = _rows(tmp_path / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["value_loss"] > 0 and r["critic_grad_norm"] > 0 and math.isfinite(r["loss"]) for r in rows[1:])
+    # The critic and its optimizer state are checkpointed with the policy's.
+    assert b"critic_optim" in (tmp_path / "ppo" / "checkpoints" / "step_0000003" / ".metadata").read_bytes()
+
+
+# ---- reliability: kill -9 and resume, bad inputs, non-finite rewards
+
+
+def test_kill_minus_9_at_a_random_step_then_resume_matches_the_uninterrupted_run(task, tmp_path):
+    import random
+    import signal
+    import time
+    root, files = task
+    args = ["--max_steps", "6", "--save_every", "1"]
+    _remax(root, files, tmp_path / "full", *args)
+    kill_after = random.Random().randint(1, 4)        # any step: the test must hold wherever the kill lands
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", "--stage", "remax", "--policy", root / "sft" / "final", "--reward_model",
+           root / "rm" / "final", "--data", files["remax"], "--eval_data", files["eval"], "--out_dir",
+           tmp_path / "killed", "--lr", "1e-3", "--batch_size", "4", "--max_new_tokens", "6", "--beta", "0.05",
+           *COMMON, *args]
+    p = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") > kill_after:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    _remax(root, files, tmp_path / "killed", *args, "--resume")
+    _same_metrics(_rows(tmp_path / "full" / "metrics.jsonl"), _rows(metrics))
+    full, resumed = _params(tmp_path / "full" / "final"), _params(tmp_path / "killed" / "final")
+    assert all(torch.equal(full[k], resumed[k]) for k in full), f"killed after {kill_after} steps"
+
+
+def _edit_checkpoint(src, dst, config=None, tensors=None, drop=()):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if tensors:
+        t = load_file(dst / "model.safetensors")
+        tensors(t)
+        save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    for name in drop:
+        (dst / name).unlink()
+    return dst
+
+
+def _bad_inputs(root, files, tmp):
+    """(name, extra args, expected text in the one-line error); each case's inputs are built here."""
+    sft = root / "sft" / "final"
+    long_prompt = _text(tmp / "long.jsonl", '{"prompt": "abcdefghabcdefghabcdefgh"}\n' * 12)
+    return [
+        ("policy folder missing", ["--policy", tmp / "nowhere"], "nowhere"),
+        ("not a llama/mistral checkpoint",
+         ["--policy", _edit_checkpoint(sft, tmp / "gpt2", config=lambda c: c.update(model_type="gpt2"))], "model_type"),
+        ("unsupported rope scaling",
+         ["--policy", _edit_checkpoint(sft, tmp / "yarn", config=lambda c: c.update(rope_scaling={"type": "yarn", "factor": 2.0}))],
+         "rope_scaling"),
+        ("tensor with the wrong shape",
+         ["--policy", _edit_checkpoint(sft, tmp / "shape", tensors=lambda t: t.update({"model.norm.weight": torch.ones(3)}))],
+         "model.norm.weight"),
+        ("tensor missing",
+         ["--policy", _edit_checkpoint(sft, tmp / "missing", tensors=lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))],
+         "model.layers.1.mlp.up_proj.weight"),
+        ("tokenizer missing", ["--policy", _edit_checkpoint(sft, tmp / "notok", drop=["tokenizer.json"])], "tokenizer.json"),
+        ("reward model is a language model", ["--reward_model", sft], "reward model"),
+        ("malformed JSONL line", ["--data", _text(tmp / "bad.jsonl", '{"prompt": "abc"}\n{"prompt": "ab\n')], "bad.jsonl:2"),
+        ("missing field", ["--data", _text(tmp / "field.jsonl", '{"text": "abc"}\n')], "field.jsonl:1"),
+        ("empty data file", ["--data", _text(tmp / "empty.jsonl", "")], "empty.jsonl"),
+        ("prompt over the limit with --overlong error", ["--data", long_prompt, "--overlong", "error"], "long.jsonl"),
+        ("output directory not writable", ["--out_dir", _text(tmp / "a_file", "x") / "run"], "not writable"),
+        ("unknown stage", ["--stage", "dpo"], "--stage"),
+        ("unknown algorithm", ["--algo", "grpo"], "--algo"),
+    ]
+
+
+def _text(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_bad_inputs_fail_with_one_clear_line_and_leave_nothing_half_written(task, tmp_path):
+    root, files = task
+    cases = _bad_inputs(root, files, tmp_path)
+    assert len(cases) >= 12
+    for name, extra, expected in cases:
+        out = tmp_path / "out" / name.replace(" ", "_").replace("/", "_")
+        args = ["--out_dir", out, *extra] if "--out_dir" not in extra else extra
+        p = _train("--stage", "remax", "--policy", root / "sft" / "final", "--reward_model", root / "rm" / "final",
+                   "--data", files["remax"], "--eval_data", files["eval"], "--batch_size", "4", "--max_steps", "1",
+                   "--max_new_tokens", "4", "--max_prompt_len", "16", "--eval_size", "8", "--prompt_format", "chat",
+                   *args, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0, name
+        assert len(lines) == 1 and "Traceback" not in p.stderr, f"{name}: {p.stderr[-2000:]}"
+        assert expected in lines[0], f"{name}: {lines[0]}"
+        assert not (out / "final").exists() and not list(out.glob("**/*.tmp")), name
+
+
+def test_batch_not_divisible_by_world_size_is_refused_by_every_rank(task, tmp_path):
+    root, files = task
+    p = _remax(root, files, tmp_path / "odd", "--batch_size", "3", "--max_steps", "1", world=2, check=False)
+    assert p.returncode != 0
+    assert "--batch_size 3 must be divisible by the world size 2" in p.stderr
+
+
+def test_out_of_memory_names_the_flags_that_reduce_memory(task, tmp_path, monkeypatch):
+    import train
+    root, files = task
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train.remax, "generate", oom)
+    with pytest.raises(SystemExit, match="out of memory.*--batch_size.*--max_new_tokens.*--activation_checkpointing"):
+        train.main(["--stage", "remax", "--policy", str(root / "sft" / "final"), "--reward_model",
+                    str(root / "rm" / "final"), "--data", str(files["remax"]), "--eval_data", str(files["eval"]),
+                    "--out_dir", str(tmp_path / "oom"), "--batch_size", "4", "--max_steps", "1", "--eval_size", "4",
+                    "--max_prompt_len", "16", "--prompt_format", "chat"])
+    assert not (tmp_path / "oom" / "final").exists()
+
+
+NAN_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import train
+from model import Tokenizer
+from reward import ModelReward, RewardModel
+cfg = train.parse_args(sys.argv[1:])
+ctx = train.Dist("cpu")
+target = train.load_prompts(cfg, Tokenizer(cfg.policy), ctx)[0][{index}]
+rm = ModelReward(RewardModel.from_pretrained(cfg.reward_model).eval())
+
+def reward_fn(prompt, prompt_mask, response, response_mask):
+    r = rm(prompt, prompt_mask, response, response_mask)
+    hit = torch.tensor([p[m].tolist() == target or {always} for p, m in zip(prompt, prompt_mask)])
+    return torch.where(hit, float("nan"), r)
+try:
+    train.train_remax(cfg, ctx, reward_fn=reward_fn)
+finally:
+    torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_nan_reward_skips_the_step_names_the_prompt_and_stops_after_max_bad_steps(task, tmp_path, always):
+    root, files = task
+    script = _text(tmp_path / "nan.py", NAN_SCRIPT.format(repo=str(REPO), index=5, always=always))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--stage", "remax", "--policy", root / "sft" / "final", "--reward_model", root / "rm" / "final",
+            "--data", files["remax"], "--eval_data", files["eval"], "--out_dir", tmp_path / "nan", "--lr", "1e-3",
+            "--batch_size", "4", "--max_new_tokens", "6", "--max_bad_steps", "2", "--eval_every", "100", *COMMON,
+            "--max_steps", "8"]
+    p = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    rows = _rows(tmp_path / "nan" / "metrics.jsonl")[1:]
+    if always:
+        assert p.returncode != 0 and "2 consecutive non-finite steps (--max_bad_steps 2)" in p.stderr
+        assert len(rows) == 2 and all(r["skipped"] == 1.0 for r in rows)
+        return
+    assert p.returncode == 0, p.stderr[-3000:]
+    # 8 steps of 4 are one epoch of the 32 prompts: prompt 5 is in exactly one batch, and that step alone skips.
+    skipped = [r for r in rows if r["skipped"]]
+    assert len(skipped) == 1 and skipped[0]["bad_prompts"] == [5]
+    assert all("bad_prompts" not in r and math.isfinite(r["loss"]) for r in rows if not r["skipped"])
+    final = _params(tmp_path / "nan" / "final")
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_split_gives_the_three_stages_disjoint_parts_of_one_file(task):
+    import train
+    root, files = task
+    parts = [train.read_data(train.Config(data=str(files["rm"]), split=s), data.read_preferences) for s in train.SPLITS]
+    assert [len(p) for p in parts] == [12, 26, 26]                  # 64 pairs, 2:4:4: round(12.8) + 2 x round(25.6) = 65, excess off the first
+    assert parts == data.split_records(data.read_preferences(files["rm"]), (2, 4, 4), 1234)
+    keys = [{r["source"] for r in p} for p in parts]
+    assert not (keys[0] & keys[1] or keys[1] & keys[2] or keys[0] & keys[2])
+    assert set().union(*keys) == {r["source"] for r in data.read_preferences(files["rm"])}
+
+
+def test_reward_model_with_its_own_format_scores_retemplated_text(task, tmp_path):
+    root, files = task
+    _remax(root, files, tmp_path / "ultra", "--max_steps", "1", "--reward_format", "ultrarm")
+    same = _remax(root, files, tmp_path / "same", "--max_steps", "1")
+    a, b = _rows(tmp_path / "ultra" / "metrics.jsonl")[1], _rows(tmp_path / "same" / "metrics.jsonl")[1]
+    assert math.isfinite(a["reward_mean"]) and a["reward_mean"] != b["reward_mean"]    # other text, other score
+    assert a["length"] == b["length"]                                                   # same rollout
