@@ -2302,3 +2302,68 @@ def test_reward_model_with_its_own_format_scores_retemplated_text(task, tmp_path
     a, b = _rows(tmp_path / "ultra" / "metrics.jsonl")[1], _rows(tmp_path / "same" / "metrics.jsonl")[1]
     assert math.isfinite(a["reward_mean"]) and a["reward_mean"] != b["reward_mean"]    # other text, other score
     assert a["length"] == b["length"]                                                   # same rollout
+
+
+# --------------------------------------------------------------------------- curves
+# bench.py curves --smoke: two algorithms, one seed, two steps on a cheap demo folder (random tiny models).
+
+
+TINY_CURVES = dict(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64,
+                   bos_id=1, eos_id=2, pad_id=0)
+
+
+def _tiny_demo_dir(root: Path) -> Path:
+    """The layout `python train.py --out_dir DIR` writes, without training: a random policy as the 'SFT' model,
+    a random RM from it, the synthetic task's prompts at toy sizes."""
+    data.write_synthetic_jsonl(root / "data", seed=0, n_sft=4, n_pref=4, n_rl=16, n_eval=8)
+    tok = Tokenizer(data.write_char_tokenizer(root / "tokenizer"))
+    policy = Transformer(ModelConfig(**TINY_CURVES)).init_weights(generator=torch.Generator().manual_seed(0))
+    policy.save_pretrained(root / "sft" / "final", extra_files=tok.files())
+    # A random head (the default is zero: every reward 0, so no gradient and nothing would move).
+    rm = RewardModel.init_from_policy(policy, head_std=0.5, generator=torch.Generator().manual_seed(1))
+    rm.save_pretrained(root / "rm" / "final", extra_files=tok.files())
+    return root
+
+
+def test_bench_curves_smoke(tmp_path):
+    demo, out = _tiny_demo_dir(tmp_path / "demo"), tmp_path / "curves"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.run([sys.executable, "bench.py", "curves", "--smoke", "--demo_dir", str(demo), "--out", str(out)],
+                       cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert not (demo / "remax").exists()              # the demo folder was complete: no demo run
+
+    rows = [json.loads(l) for l in (out / "curves.jsonl").read_text().splitlines()]
+    algos = ("remax", "ppo")
+    assert {r["algo"] for r in rows} == set(algos) and {r["seed"] for r in rows} == {2023}
+    for algo in algos:
+        mine = [r for r in rows if r["algo"] == algo]
+        assert [r["step"] for r in mine] == [0, 1, 2]            # before training, then one row per step
+        assert mine[0]["seconds"] == 0.0 and 0 < mine[1]["seconds"] <= mine[2]["seconds"]
+        for r in mine:                                            # --smoke evaluates at every step
+            assert set(r) >= {"algo", "seed", "step", "seconds", "eval/reward_greedy", "eval/gold_greedy", "eval/kl"}
+            assert 0.0 <= r["eval/gold_greedy"] <= 1.0
+        for r in mine[1:]:
+            assert isinstance(r["reward_mean"], float) and r["grad_norm"] is not None and r["grad_norm"] >= 0
+        assert sum(r["grad_norm"] for r in mine[1:]) > 0 and mine[2]["eval/kl"] != 0.0    # the policy moved
+        assert (out / f"{algo}_seed2023" / "metrics.jsonl").is_file()
+        assert (out / f"{algo}_seed2023" / "train.log").is_file()
+
+    s = json.loads((out / "summary.json").read_text())
+    assert s["cmd"] == "curves" and s["algos"].keys() == set(algos) and s["seeds"] == [2023]
+    assert s["max_steps"] == 2 and s["failed"] == [] and len(s["runs"]) == 2
+    for algo in algos:
+        x = s["algos"][algo]
+        assert set(x) == {"seeds", "gold", "reward", "kl", "grad_norm", "seconds", "steps"}
+        for k in ("gold", "reward", "kl", "grad_norm", "seconds"):
+            assert set(x[k]) == {"mean", "std", "n"} and x[k]["n"] == 1 and x[k]["std"] == 0.0
+            assert isinstance(x[k]["mean"], float)
+        assert x["steps"]["mean"] == 2
+    assert set(s["sft"]) == {"gold", "reward", "kl"}
+    assert s["flags"]["ppo"] == {"algo": "ppo"} and s["flags"]["remax"] == {"algo": "remax", "baseline": "greedy"}
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "curves.png").is_file()
+    except ImportError:
+        assert not (out / "curves.png").exists() and "matplotlib is not installed" in s["plot"]
+    assert "gold (greedy)" in p.stdout and "remax" in p.stdout     # the table
