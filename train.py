@@ -472,6 +472,8 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save_checkpoint(trained, step + 1, gen, cfg, ctx)
     export(policy, out / "final", ctx, tok)
+    if ctx.rank == 0:
+        plot_metrics(out / "metrics.jsonl")
     log(ctx, f"[{cfg.algo}] wrote {out / 'final'} (best eval: {out / 'best'}), metrics {out / 'metrics.jsonl'}")
     return {"before": first, "after": evaluate()}
 
@@ -514,6 +516,28 @@ def eval_policy(policy, ref, reward_fn, prompts, tok, cfg: Config, ctx: Dist, go
         greedy = tok.decode_batch(x[m].tolist() for x, m in zip(resp[B:], rmask[B:]))
         stats["gold_greedy"] = sum(gold(p, a) for p, a in zip(texts, greedy)) / B
     return ctx.mean(stats)
+
+
+def plot_metrics(path: Path, keys=("reward_mean", "baseline_mean", "kl", "eval/reward_greedy", "eval/kl")):
+    """metrics.png next to metrics.jsonl: reward and KL against steps, when matplotlib is installed (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in map(_json_or_none, path.read_text().splitlines()) if r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        if pts:
+            axes[int("kl" in k)].plot(*zip(*pts), label=k, marker="." if k.startswith("eval/") else None)
+    for ax, title in zip(axes, ("reward", "KL to the reference")):
+        ax.set(title=title, xlabel="step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"))
+    plt.close(fig)
 
 
 def masked_mean(x, mask) -> float:
