@@ -2367,3 +2367,18 @@ def test_bench_curves_smoke(tmp_path):
     except ImportError:
         assert not (out / "curves.png").exists() and "matplotlib is not installed" in s["plot"]
     assert "gold (greedy)" in p.stdout and "remax" in p.stdout     # the table
+
+
+class _Pwn:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_checkpoint",))
+
+
+def test_resume_refuses_a_tampered_checkpoint_instead_of_running_its_code(task, tmp_path):
+    import pickle
+    root, files = task
+    _remax(root, files, tmp_path / "run", "--max_steps", "1", "--save_every", "1")
+    (tmp_path / "run" / "checkpoints" / "step_0000001" / ".metadata").write_bytes(pickle.dumps(_Pwn()))
+    p = _remax(root, files, tmp_path / "run", "--max_steps", "2", "--resume", check=False)
+    assert p.returncode != 0 and "refers to posix.system" in p.stderr.strip().splitlines()[-1]
+    assert not (REPO / "pwned_by_checkpoint").exists()

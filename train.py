@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import shutil
 import socket
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -274,6 +276,36 @@ def save_checkpoint(trained: dict, step: int, gen: torch.Generator, cfg: Config,
     dist.barrier()
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Only the classes a DCP .metadata file holds; anything else in it is refused, not executed."""
+
+    def find_class(self, module, name):
+        if module.startswith("torch.distributed.checkpoint.") or (module, name) in (
+                ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("collections", "OrderedDict")) or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never holds")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """torch.distributed.checkpoint unpickles its .metadata with plain pickle and non-tensor entries with
+    torch.load(weights_only=False); check both with restricted unpicklers first, so that resuming from a
+    tampered checkpoint fails instead of running code. Tensors are already read with weights_only=True."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+        return super().read_metadata(*args, **kwargs)
+
+
+class SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value):
+        torch.load(value, weights_only=True)          # raises on anything but plain data (step counts, lrs)
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
 def load_checkpoint(trained: dict, gen: torch.Generator, cfg: Config) -> int:
     """Restore the newest complete checkpoint; returns the step to continue from (0 if none).
 
@@ -286,7 +318,7 @@ def load_checkpoint(trained: dict, gen: torch.Generator, cfg: Config) -> int:
         return 0
     path = done[-1].parent
     state = _train_state(trained, gen)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner())
     for name, (model, opt) in trained.items():
         set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
     gen.set_state(state["rng"])
