@@ -355,26 +355,84 @@ def response_logprobs(model, prompt, prompt_mask, response, response_mask, *, ch
     return logp[:, P - 1:-1], ent[:, P - 1:-1]
 
 
-def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, noise=None, generator=None):
+# Top-p looks for each row's nucleus among its NUCLEUS_K most likely tokens first (a partial sort);
+# only rows whose nucleus is longer search the full vocabulary (a threshold bisection, never a sort).
+NUCLEUS_K = 256
+
+
+def _invert_cdf(w, noise):
+    """Inverse-CDF draw per row of nonnegative weights w [R, K] (any scale): the first column whose
+    cumulative weight (float64) exceeds noise * total. Columns of weight 0 are never drawn."""
+    cdf = w.cumsum(-1, dtype=torch.float64)
+    mass = cdf[:, -1:]
+    # Strictly below the total, so the first cdf > target exists and has nonzero weight.
+    target = torch.minimum(noise[:, None] * mass, torch.nextafter(mass, torch.zeros_like(mass)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
+
+
+def _nucleus_threshold(w, bound):
+    """Per row of w [R, V] (weights in [0, 1], the largest exactly 1): the smallest weight t whose
+    heavier tokens weigh <= bound, i.e. the nucleus is {w >= t}. Bisection on the float32 bit
+    pattern (monotone for nonnegative floats): 30 fixed steps, no sort, no host sync."""
+    lo = torch.zeros_like(bound, dtype=torch.int32)                 # weight 0.0: everything is heavier
+    hi = torch.full_like(bound, 0x3F800000, dtype=torch.int32)     # weight 1.0: nothing is heavier
+    for _ in range(30):  # hi - lo < 2**30 halves to 1
+        mid = lo + (hi - lo) // 2
+        # sum of w over w > t; sign/clamp/mul is several times faster on CPU than where or a bool mask.
+        heavier = (w - mid.view(torch.float32)).sign_().clamp_(min=0).mul_(w).sum(-1, keepdim=True)
+        ok = heavier <= bound
+        lo, hi = torch.where(ok, lo, mid), torch.where(ok, mid, hi)
+    return hi.view(torch.float32)
+
+
+def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, noise=None, generator=None,
+                greedy: bool | None = None, sampled: bool | None = None):
     """One token per row; rows with temperature 0 take the argmax (the ReMax baseline is greedy).
 
-    noise: Exp(1) draws shaped like logits (drawn from `generator` when not given).
+    Sampled rows draw from softmax(logits / temperature) restricted to the top_k most likely tokens
+    (ties with the k-th kept) and then to the nucleus: the most likely tokens, in order, while the
+    mass before them is <= top_p (so the token that crosses top_p is kept; ties at that boundary
+    may be kept too). The draw is by inverse CDF: the token whose interval of the (float64)
+    cumulative distribution holds noise * mass. noise: one U[0, 1) draw per row (from `generator`
+    when not given), so a step costs one random number per row, not one per vocabulary entry.
+    greedy / sampled: whether any row has temperature 0 / > 0; None checks (a host sync),
+    `generate` decides once per call.
     """
-    greedy = logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature.clamp_min(1e-5)[:, None], dim=-1)
-    if top_k:
-        kth = probs.topk(min(top_k, probs.shape[-1]), dim=-1).values[:, -1:]
-        probs = probs.masked_fill(probs < kth, 0.0)
-    if top_p < 1.0:
-        # Nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p.
-        sorted_p, idx = probs.sort(-1, descending=True)
-        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p * sorted_p.sum(-1, keepdim=True), 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    # Exponential race: argmax p/E with E ~ Exp(1) is a draw from p, without multinomial's host sync.
+    is_greedy = temperature == 0
+    if greedy is None:
+        greedy = bool(is_greedy.any())
+    if sampled is None:
+        sampled = not bool(is_greedy.all())
+    argmax = logits.argmax(-1) if greedy else None
+    if not sampled:
+        return argmax
     if noise is None:
-        noise = torch.empty_like(probs).exponential_(1, generator=generator)
-    race = probs / noise
-    return torch.where(temperature == 0, greedy, race.argmax(-1))
+        noise = torch.rand(logits.shape[0], generator=generator, device=logits.device, dtype=torch.float64)
+    noise = noise.to(torch.float64)
+    w = logits.float() - logits.amax(-1, keepdim=True).float()
+    w = w.mul_(1 / temperature.clamp_min(1e-5)[:, None]).exp_()  # unnormalised probabilities, the largest 1
+    V = w.shape[-1]
+    if top_k:
+        kth = w.topk(min(top_k, V), dim=-1).values[:, -1:]
+        w = w.masked_fill_(w < kth, 0.0)
+    if top_p >= 1.0:
+        return _finish(_invert_cdf(w, noise), argmax, is_greedy)
+    bound = top_p * w.sum(-1, keepdim=True, dtype=torch.float64)
+    vals, ids = w.topk(min(NUCLEUS_K, V), dim=-1)
+    keep = vals.cumsum(-1, dtype=torch.float64) - vals <= bound
+    tok = ids.gather(-1, _invert_cdf(vals.masked_fill(~keep, 0.0), noise)[:, None])[:, 0]
+    if NUCLEUS_K < V:
+        longer = keep[:, -1]  # the NUCLEUS_K-th token is still inside: the nucleus may go on
+        if bool(longer.any()):
+            rows = longer.nonzero()[:, 0]
+            wr = w[rows]
+            wr = wr.masked_fill_(wr < _nucleus_threshold(wr, bound[rows]), 0.0)
+            tok[rows] = _invert_cdf(wr, noise[rows])
+    return _finish(tok, argmax, is_greedy)
+
+
+def _finish(tok, argmax, is_greedy):
+    return tok if argmax is None else torch.where(is_greedy, argmax, tok)
 
 
 @torch.inference_mode()
@@ -387,9 +445,10 @@ def generate(model, prompt, prompt_mask, max_new_tokens: int, *, n: int = 1, tem
     `temperature` is a float or one value per output row; 0 means greedy. Returns response [n*B, N]
     and its mask, True up to and including the first stop token (which is trained on, as in the
     official code); later positions hold pad_id. N <= max_new_tokens: decoding stops when all rows did.
-    When these B prompts are rows [row_offset, row_offset + B) of a global batch of total_rows sharded
-    over ranks, each step draws the noise of the whole global batch and keeps this shard's rows, so
-    every rank samples exactly what one process would (world-size-invariant, reproducible runs).
+    Sampling uses one uniform per row and step, all drawn up front as [max_new_tokens, n, total_rows]
+    from `generator`. When these B prompts are rows [row_offset, row_offset + B) of a global batch of
+    total_rows sharded over ranks, this shard keeps its rows of that draw, so every rank samples exactly
+    what one process would (world-size-invariant, reproducible runs).
     """
     B, P = prompt.shape
     if not bool(prompt_mask[:, -1].all()):
@@ -408,14 +467,15 @@ def generate(model, prompt, prompt_mask, max_new_tokens: int, *, n: int = 1, tem
     out = torch.full((n * B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros(n * B, max_new_tokens, dtype=torch.bool, device=device)
     done = torch.zeros(n * B, dtype=torch.bool, device=device)
-    sampled_rows = bool((temperature > 0).any())
+    greedy_rows, sampled_rows = bool((temperature == 0).any()), bool((temperature > 0).any())
     total_rows = total_rows or B
+    noise = None
+    if sampled_rows:
+        noise = torch.rand(max_new_tokens, n, total_rows, generator=generator, device=device, dtype=torch.float64)
+        noise = noise[:, :, row_offset:row_offset + B].reshape(max_new_tokens, n * B)
     for i in range(max_new_tokens):
-        noise = None
-        if sampled_rows:
-            noise = torch.empty(n, total_rows, logits.shape[-1], device=device).exponential_(1, generator=generator)
-            noise = noise[:, row_offset:row_offset + B].reshape(n * B, -1)
-        tok = sample_next(logits, temperature, top_p, top_k, noise)
+        tok = sample_next(logits, temperature, top_p, top_k, noise[i] if sampled_rows else None,
+                          greedy=greedy_rows, sampled=sampled_rows)
         out[:, i] = torch.where(done, pad_id, tok)
         out_mask[:, i] = ~done
         done |= torch.isin(tok, stop)

@@ -14,10 +14,11 @@ import torch
 
 import bench
 import data
+import model as M
 import ppo
 import remax
-from model import (ModelConfig, Tokenizer, Transformer, generate, positions_from_mask, response_logprobs,
-                   sample_next)
+from model import (Attention, ModelConfig, Tokenizer, Transformer, generate, positions_from_mask,
+                   response_logprobs, sample_next)
 from remax import (ALGORITHM_1, BASELINES, KL_MODES, NORMS, OFFICIAL, Rollout, exact_kl, remax_loss, rollout,
                    token_weights)
 from reward import (ModelReward, RetokenizedReward, RewardModel, TextReward, bradley_terry_loss, freeze,
@@ -2382,3 +2383,160 @@ def test_resume_refuses_a_tampered_checkpoint_instead_of_running_its_code(task, 
     p = _remax(root, files, tmp_path / "run", "--max_steps", "2", "--resume", check=False)
     assert p.returncode != 0 and "refers to posix.system" in p.stderr.strip().splitlines()[-1]
     assert not (REPO / "pwned_by_checkpoint").exists()
+
+
+# --------------------------------------------------------------------------- model2
+# generate's fast paths are exact: inverse-CDF sampling with one uniform per row and step (top-k,
+# top-p via partial sort or threshold bisection), world-size invariance through row_offset/total_rows,
+# cached greedy decoding, and decode attention (grouped-query included) against a float64 reference.
+
+
+def _reference_probs(logits, temperature, top_p=1.0, top_k=0):
+    """The target distribution in float64, filters written the plain (full sort) way."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    if top_k:
+        p = p.masked_fill(p < p.topk(top_k, -1).values[..., -1:], 0.0)
+    if top_p < 1.0:
+        sp, idx = p.sort(-1, descending=True)
+        before = sp.cumsum(-1) - sp
+        # Keep away from the boundary, where float rounding (not the rule) would decide.
+        assert ((before - top_p * sp.sum(-1, keepdim=True)).abs() > 1e-6).all()
+        sp = sp.masked_fill(before > top_p * sp.sum(-1, keepdim=True), 0.0)
+        p = torch.zeros_like(p).scatter(-1, idx, sp)
+    return p / p.sum(-1, keepdim=True)
+
+
+def _grid_frequencies(logits_row, temperature, top_p=1.0, top_k=0, m=10000):
+    """Token frequencies when the uniform runs over a fine grid: equal to the probabilities within 1/m."""
+    u = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+    tok = sample_next(logits_row.expand(m, -1), torch.full((m,), temperature), top_p, top_k, noise=u)
+    return torch.bincount(tok, minlength=logits_row.shape[-1]).double() / m
+
+
+@pytest.mark.parametrize("nucleus_k", [256, 3])  # 3: most nuclei are longer -> threshold bisection path
+@pytest.mark.parametrize("top_p,top_k,temperature", [(1.0, 0, 1.0), (1.0, 5, 0.7), (0.9, 0, 1.0), (0.5, 0, 1.3),
+                                                      (0.8, 12, 0.8), (0.3, 0, 2.0)])
+def test_sampler_distribution_is_filtered_softmax_exactly(monkeypatch, nucleus_k, top_p, top_k, temperature):
+    monkeypatch.setattr(M, "NUCLEUS_K", nucleus_k)
+    g = torch.Generator().manual_seed(11)
+    for scale in (0.5, 2.0):
+        logits = torch.randn(1, 40, generator=g) * scale
+        want = _reference_probs(logits, temperature, top_p, top_k)[0]
+        got = _grid_frequencies(logits, temperature, top_p, top_k)
+        assert not ((got > 0) & (want == 0)).any()  # nothing outside the filtered support
+        torch.testing.assert_close(got, want, atol=1 / 10000 + 1e-9, rtol=0)
+
+
+def test_sampler_keeps_the_crossing_token_and_top_k_ties():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    # Mass before token 1 is 0.5 <= 0.6: kept although it crosses 0.6; token 2 (0.8 before it) is not.
+    torch.testing.assert_close(_grid_frequencies(logits, 1.0, top_p=0.6), torch.tensor([0.625, 0.375, 0, 0]).double(),
+                               atol=1e-4, rtol=0)
+    tied = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    torch.testing.assert_close(_grid_frequencies(tied, 1.0, top_k=2), torch.tensor([1 / 3, 1 / 3, 1 / 3, 0]).double(),
+                               atol=1e-4, rtol=0)
+
+
+def test_inverse_cdf_on_a_large_vocabulary_hits_the_float64_intervals():
+    # Vocabulary order, top_p=1: token t is drawn iff F(t-1) <= u < F(t) for the float64 CDF F of
+    # softmax(logits / T) (up to float32 logit rounding, ~1e-7 here).
+    g = torch.Generator().manual_seed(3)
+    V, n = 32000, 256
+    logits = torch.randn(n, V, generator=g) * 2
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    tok = sample_next(logits, torch.full((n,), 0.9), noise=u)
+    cdf = torch.softmax(logits.double() / 0.9, -1).cumsum(-1)
+    hi = cdf.gather(-1, tok[:, None])[:, 0]
+    lo = torch.where(tok > 0, cdf.gather(-1, (tok - 1).clamp_min(0)[:, None])[:, 0], torch.zeros_like(hi))
+    assert ((lo - 1e-6 <= u) & (u < hi + 1e-6)).all()
+
+
+def test_nucleus_threshold_matches_sorting_on_long_nuclei():
+    g = torch.Generator().manual_seed(5)
+    for scale in (0.3, 1.0, 3.0):
+        logits = torch.randn(4, 3000, generator=g) * scale
+        w = (logits - logits.amax(-1, keepdim=True)).exp()
+        bound = 0.9 * w.sum(-1, keepdim=True, dtype=torch.float64)
+        sw, idx = w.sort(-1, descending=True)
+        keep_sorted = torch.zeros_like(w, dtype=torch.bool).scatter(-1, idx, sw.cumsum(-1, dtype=torch.float64) - sw <= bound)
+        assert torch.equal(w >= M._nucleus_threshold(w, bound), keep_sorted)
+
+
+def test_sample_next_greedy_rows_and_generator_determinism():
+    logits = torch.randn(6, 48, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    a = sample_next(logits, t, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    b = sample_next(logits, t, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert torch.equal(a[t == 0], logits[t == 0].argmax(-1))
+    assert torch.equal(sample_next(logits, torch.zeros(6)), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("top_p,nucleus_k", [(1.0, 256), (0.9, 256), (0.9, 2)])
+def test_sharded_generate_equals_one_process_across_calls(monkeypatch, top_p, nucleus_k):
+    monkeypatch.setattr(M, "NUCLEUS_K", nucleus_k)
+    model = _model_tiny()
+    prompt, mask = _model_left_padded([[5, 6, 7], [8, 9, 10, 11], [12, 13], [14, 15, 16, 17]])
+    temps = torch.tensor([1.0] * 4 + [0.0] * 4)
+    kw = dict(n=2, stop_ids=[5, 9, 17], top_p=top_p)
+    g = torch.Generator().manual_seed(7)
+    whole = [generate(model, prompt, mask, 9, temperature=temps, generator=g, **kw) for _ in range(2)]
+    for off in (0, 2):
+        g = torch.Generator().manual_seed(7)
+        # Two calls on one generator: shards that stop early must still leave it where one process would.
+        for call in range(2):
+            part, pmask = generate(model, prompt[off:off + 2], mask[off:off + 2], 9, temperature=torch.tensor([1.0, 1.0, 0.0, 0.0]),
+                                   generator=g, row_offset=off, total_rows=4, **kw)
+            wout, wmask = whole[call]
+            for k in range(2):
+                rows = slice(k * 4 + off, k * 4 + off + 2)
+                n = part.shape[1]
+                assert torch.equal(part[k * 2:k * 2 + 2], wout[rows, :n])
+                assert torch.equal(pmask[k * 2:k * 2 + 2], wmask[rows, :n]) and not wmask[rows, n:].any()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=1), dict(n_kv_heads=4),
+                                dict(model_type="mistral", sliding_window=4)])
+def test_cached_greedy_decoding_equals_uncached_argmax(kw):
+    model = _model_tiny(**kw)
+    prompt, mask = _model_left_padded([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]])
+    out, omask = generate(model, prompt, mask, 10, n=2, temperature=0.0, stop_ids=[])
+    assert omask.all()
+    tokens, tmask = prompt.repeat(2, 1), mask.repeat(2, 1)
+    with torch.no_grad():
+        for i in range(out.shape[1]):
+            logits = model(tokens, positions_from_mask(tmask), tmask)[:, -1]
+            assert torch.equal(logits.argmax(-1), out[:, i])
+            tokens = torch.cat([tokens, out[:, i:i + 1]], 1)
+            tmask = torch.cat([tmask, omask[:, i:i + 1]], 1)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(8, 2), (8, 1), (4, 4)])
+def test_decode_attention_equals_reference(n_heads, n_kv_heads):
+    c = ModelConfig(dim=64, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=16)
+    g = torch.Generator().manual_seed(0)
+    attn = Attention(c)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.2, generator=g)
+    B, S, D = 3, 11, c.head_dim
+    cache = M.KVCache(B, n_kv_heads, S + 4, D, torch.float32, "cpu")
+    cache.k.normal_(generator=g)
+    cache.v.normal_(generator=g)
+    key_mask = torch.ones(B, S + 4, dtype=torch.bool)
+    key_mask[0, :3] = False
+    key_mask[2, :7] = False
+    x = torch.randn(B, 1, c.dim, generator=g)
+    ang = torch.randn(B, 1, 1, D, generator=g)
+    cos, sin = ang.cos(), ang.sin()
+    with torch.no_grad():
+        y = attn(x, cos, sin, M.attention_mask(key_mask, 1, S, None), cache, S)
+        # Reference: float64, K/V expanded per query head, explicit masked softmax.
+        q = attn.q_proj(x).view(B, 1, n_heads, D).transpose(1, 2)
+        q = q * cos + M.rotate_half(q) * sin
+        k, v = cache.k[:, :, :S + 1].double(), cache.v[:, :, :S + 1].double()  # column S written by the call
+        k, v = k.repeat_interleave(n_heads // n_kv_heads, 1), v.repeat_interleave(n_heads // n_kv_heads, 1)
+        scores = (q.double() @ k.transpose(-1, -2)) / D ** 0.5
+        scores = scores.masked_fill(~key_mask[:, None, None, :S + 1], float("-inf"))
+        ref = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, 1, -1)
+        ref = ref @ attn.o_proj.weight.double().T
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
