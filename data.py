@@ -420,8 +420,9 @@ def split_records(records: list, weights=(2, 4, 4), seed: int = 1234) -> list[li
 
 
 ALPHABET = "abcdefghijklmnop"
-DEMO_STOP, DEMO_ERROR = 0.5, 0.2       # the SFT demonstrator: stops early and errs often
-PREFERENCE_TEMPERATURE = 0.1           # Bradley-Terry label noise, in gold-score units
+DEMO_STOP, DEMO_ERROR = 0.5, 0.1       # the SFT demonstrator: stops early (more likely than it goes on) and errs
+PREFERENCE_TEMPERATURE = 0.05          # Bradley-Terry label noise, in gold-score units
+NEAR_MISSES = 0.7                      # share of preference pairs that are an answer and one edit of it
 MAX_ANSWER_LEN = 10
 CHARS = "\n :=" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -445,17 +446,21 @@ def gold_score(prompt: str, response: str) -> float:
     return 2 * lcs[-1] / (len(response) + len(letters)) if letters or response else 0.0
 
 
-def synthetic_task(seed: int = 0, n_sft: int = 4000, n_pref: int = 10000, n_rl: int = 1024,
+def synthetic_task(seed: int = 0, n_sft: int = 8000, n_pref: int = 10000, n_rl: int = 1024,
                    n_eval: int = 128) -> dict[str, list[dict]]:
     """The built-in task, generated in code: {"sft", "rm", "remax", "eval"} record lists.
 
     Prompt: 3-6 distinct letters of ALPHABET in alphabetical order; the best response spells them
     (gold_score). SFT answers come from a mediocre demonstrator: it writes the letters in order but
-    stops after each with probability DEMO_STOP and writes a wrong letter with probability DEMO_ERROR,
-    so the SFT policy's greedy answer is about one letter long. Preference pairs are two answers of a
-    noisier sampler (also shuffled, repeated, over-long), chosen by Bradley-Terry on gold with
-    temperature PREFERENCE_TEMPERATURE, so the reward model only approximates gold. The RL and eval
-    prompts are distinct and never occur in the SFT or preference data.
+    stops after each with probability DEMO_STOP and writes a wrong letter with probability DEMO_ERROR.
+    Stopping is likelier than the right next letter, so the SFT policy knows the letters but its greedy
+    answer is about one letter long: the room that RL has to improve. Preference pairs are, for a
+    share NEAR_MISSES, an answer like the demonstrator's (stop and error rates varied) and a near miss
+    of it (one letter added, dropped, replaced or inserted: the choices a policy that starts from SFT
+    faces), else two answers of a noisier sampler (also shuffled, repeated, over-long). The chosen one
+    is drawn by Bradley-Terry on gold with temperature PREFERENCE_TEMPERATURE, so the labels are noisy
+    and the reward model only approximates gold. The RL and eval prompts are distinct and never occur
+    in the SFT or preference data.
     """
     if n_rl + n_eval > 5000:
         raise ValueError(f"n_rl + n_eval = {n_rl + n_eval}: at most 5000 distinct held-out prompts (of 14756)")
@@ -473,9 +478,13 @@ def synthetic_task(seed: int = 0, n_sft: int = 4000, n_pref: int = 10000, n_rl: 
         r["response"] = _letters_answer(rng, r["messages"][0]["content"], DEMO_STOP, DEMO_ERROR, 0.0, False)
     for r in out["rm"]:
         x = r["messages"][0]["content"]
-        knobs = rng.uniform(0.05, 0.6), rng.uniform(0.0, 0.4), rng.uniform(0.0, 0.4), rng.random() < 0.3
-        a = _letters_answer(rng, x, *knobs)
-        b = next((b for b in (_letters_answer(rng, x, *knobs) for _ in range(10)) if b != a), a)
+        if rng.random() < NEAR_MISSES:
+            a = _letters_answer(rng, x, rng.uniform(0.05, 0.6), rng.uniform(0.0, 0.3), 0.0, False)
+            b = _near_miss(rng, x, a)
+        else:
+            knobs = rng.uniform(0.05, 0.6), rng.uniform(0.0, 0.4), rng.uniform(0.0, 0.4), rng.random() < 0.3
+            a = _letters_answer(rng, x, *knobs)
+            b = next((b for b in (_letters_answer(rng, x, *knobs) for _ in range(10)) if b != a), a)
         p_a = 1 / (1 + math.exp(-(gold_score(x, a) - gold_score(x, b)) / PREFERENCE_TEMPERATURE))
         r["chosen"], r["rejected"] = (a, b) if rng.random() < p_a else (b, a)
     return out
@@ -497,6 +506,23 @@ def _letters_answer(rng, letters, stop, error, repeat, shuffle) -> str:
             out.append(order[i])
             i += 1
     return "".join(out)
+
+
+def _near_miss(rng, letters, answer) -> str:
+    """The answer with one edit: the prompt's next letter added, the last or any letter dropped, a
+    letter replaced by a wrong one, a wrong or repeated letter appended, or a wrong letter inserted."""
+    others = [c for c in ALPHABET if c not in letters]
+    edit, i = rng.randrange(6), rng.randrange(len(answer)) if answer else 0
+    if edit == 0:
+        rest = [c for c in letters if c not in answer]
+        return answer + (rest[0] if rest else rng.choice(others))
+    if edit in (1, 2) and len(answer) > 1:
+        return answer[:-1] if edit == 1 else answer[:i] + answer[i + 1:]
+    if edit == 3 and answer:
+        return answer[:i] + rng.choice([c for c in others if c != answer[i]]) + answer[i + 1:]
+    if edit == 4:
+        return answer + rng.choice(others if not answer or rng.random() < 0.5 else answer)
+    return answer[:i] + rng.choice(others) + answer[i:]
 
 
 def write_char_tokenizer(folder) -> Path:
