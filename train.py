@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import shutil
-import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -110,18 +109,16 @@ class Dist:
     """Rank, world and device. A plain `python train.py` is a world of one: the same FSDP code path."""
 
     def __init__(self, device: str = "auto"):
-        if "RANK" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        single = "RANK" not in os.environ
         cuda = torch.cuda.is_available() and device != "cpu"
-        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        self.device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+        self.rank, self.world = (0, 1) if single else (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+        self.device = torch.device(f"cuda:{0 if single else os.environ['LOCAL_RANK']}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
+            # One process needs no rendezvous: an in-memory store, so no port to pick and no TCP server thread.
+            store = dict(store=dist.HashStore(), rank=0, world_size=1) if single else {}
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None, **store)
         self.mesh = init_device_mesh(self.device.type, (self.world,))
 
     def split(self, global_batch: int) -> slice:
@@ -812,3 +809,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    # Everything is written, renamed and closed. Skip interpreter teardown: PyTorch's distributed C++ threads
+    # can race it and abort a finished run ("terminate called without an active exception", pytorch#190489).
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
