@@ -12,6 +12,9 @@ The estimator (Algorithm 1):  g = 1/N sum_i sum_t grad log pi(a_t^i | x^i, a_<t^
 The released code (liziniu/ReMax, remax_trainer.py) differs in four places, each a named option of
 `remax_loss`: a per-token KL penalty, a discount gamma on the reward difference, a clip of that
 difference, and a token-mean normalisation. `OFFICIAL` reproduces the scripts, `ALGORITHM_1` the paper.
+Not reproduced, on purpose: the released code replaces the first token of a response of at most one
+real token by " " before training on it, i.e. trains on a token the policy never sampled; here such a
+response (EOS only) is trained on as sampled. With kl="none", beta is unused.
 
 The loss half of this file (up to `Rollout`) needs nothing but torch: copy it as is.
 """

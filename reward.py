@@ -57,8 +57,9 @@ class RewardModel(nn.Module):
         mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
         h = self.model(tokens, positions_from_mask(mask), mask, return_hidden=True)
         last = h[torch.arange(h.shape[0], device=h.device), last_real_index(mask)]
-        # [:, 0] of the head output would be a view, which FSDP2 cannot hook for backward.
-        return (last @ self.score.weight[0]).float()
+        # [:, 0] of the head output would be a view, which FSDP2 cannot hook for backward. The dot product
+        # in fp32: in bf16 a score near 5 moves in steps of 1/32, enough to zero a small r - b.
+        return last.float() @ self.score.weight[0].float()
 
     @classmethod
     def _assemble(cls, config, backbone: dict, head: torch.Tensor, dtype, device) -> "RewardModel":

@@ -460,6 +460,18 @@ def test_frozen_reward_model_runs_in_training_dtype(tmp_path):
     torch.testing.assert_close(lo, hi, atol=0.05 * hi.abs().item() + 0.02, rtol=0)
 
 
+def test_bf16_reward_model_takes_its_score_dot_product_in_fp32():
+    """A bf16 score would move in steps of 2^-5 near |r| = 5, enough to make a small r - b exactly 0."""
+    rm = freeze(_reward_rm().to(torch.bfloat16))
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10], [4, 3, 9, 9, 12, 30]])
+    with torch.no_grad():
+        h = rm.model(tokens, return_hidden=True)[:, -1]
+        want = h.float() @ rm.score.weight[0].float()
+        got = rm(tokens)
+    assert torch.equal(got, want)
+    assert not torch.equal(want.to(torch.bfloat16).float(), want)       # the fp32 digits are really there
+
+
 def test_init_from_policy_copies_backbone_and_starts_at_zero_reward():
     policy = _reward_policy(tie_embeddings=True)
     rm = RewardModel.init_from_policy(policy)
@@ -1520,6 +1532,41 @@ def test_exact_kl_matches_hand_computation():
     assert exact_kl(logits, logits, mask).item() == 0.0
 
 
+def test_eval_exact_kl_in_row_chunks_equals_exact_kl_on_the_whole_batch():
+    import types
+    import train
+    policy, ref = _reward_policy(), _reward_policy(vocab_size=48).init_weights(
+        std=0.1, generator=torch.Generator().manual_seed(3))
+    prompt = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
+    pmask = prompt != 0
+    resp = torch.tensor([[20, 21, 2, 0, 0], [22, 23, 24, 25, 26], [2, 0, 0, 0, 0]])
+    rmask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    one = types.SimpleNamespace(sum=lambda x: x)                 # a world of one
+    with torch.no_grad():
+        tokens, joint = torch.cat([prompt, resp], 1), torch.cat([pmask, rmask], 1)
+        pos = positions_from_mask(torch.cat([pmask, torch.ones_like(rmask)], 1))
+        want = exact_kl(policy(tokens, pos, joint)[:, 3:-1], ref(tokens, pos, joint)[:, 3:-1], rmask).item()
+    assert want > 0
+    for budget in (1, 2 * 9 * 48, 2**24):                                   # 1 row, 2 rows, all rows at once
+        got = train.exact_kl_over_ranks(policy, ref, prompt, pmask, resp, rmask, one, budget=budget)
+        assert got == pytest.approx(want, rel=1e-12)
+    assert train.exact_kl_over_ranks(policy, policy, prompt, pmask, resp, rmask, one) == 0.0
+
+
+def test_presets_choose_sampling_and_refuse_a_silent_beta():
+    import train
+    base = ["--stage", "remax"]
+    assert train.sampling_top_p(train.parse_args(base)) == 0.9                          # official scripts
+    assert train.sampling_top_p(train.parse_args(base + ["--preset", "algorithm1"])) == 1.0   # unbiased
+    assert train.sampling_top_p(train.parse_args(base + ["--preset", "algorithm1", "--top_p", "0.5"])) == 0.5
+    assert train.remax_options(train.parse_args(base + ["--preset", "algorithm1"]))["beta"] == 0.0
+    with pytest.raises(ValueError, match="--beta 0.05 has no effect with --kl none"):
+        train.remax_options(train.parse_args(base + ["--preset", "algorithm1", "--beta", "0.05"]))
+    opts = train.remax_options(train.parse_args(base + ["--preset", "algorithm1", "--beta", "0.05", "--kl", "k1_to_go"]))
+    assert opts["kl"] == "k1_to_go" and opts["beta"] == 0.05
+    assert train.remax_options(train.parse_args(base + ["--algo", "ppo", "--preset", "algorithm1", "--beta", "0.1"]))
+
+
 # --------------------------------------------------------------------------- rollout on a tiny random transformer
 def _remax_policy():
     cfg = ModelConfig(vocab_size=8, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32, eos_id=2, pad_id=0)
@@ -1598,7 +1645,6 @@ def test_rollout_rewards_and_baselines_carry_no_grad_and_train_end_to_end():
     loss.backward()
     grads = [p.grad for p in policy.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)
-    assert scale.grad is None
 
 
 def test_rollout_baseline_none_is_reinforce():
@@ -2048,9 +2094,10 @@ def test_remax_stage_logs_what_the_issue_lists_and_exports_a_transformers_checkp
     for key in ("loss", "reward_mean", "baseline_mean", "advantage_mean", "advantage_std", "kl", "entropy", "length",
                 "sample_eq_greedy", "eos_frac", "grad_norm", "lr", "tokens_per_s", "t_gen", "t_train", "peak_mem_gb"):
         assert all(key in r and r[key] == r[key] for r in rows[1:]), key
-    for key in ("eval/reward_greedy", "eval/reward_sampled", "eval/kl"):
+    for key in ("eval/reward_greedy", "eval/reward_sampled", "eval/kl", "eval/kl_exact"):
         assert key in rows[0] and key in rows[-1]
-    assert rows[0]["eval/kl"] == 0.0                              # the policy starts at the reference
+    assert rows[0]["eval/kl"] == rows[0]["eval/kl_exact"] == 0.0   # the policy starts at the reference
+    assert rows[-1]["eval/kl_exact"] > 0
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
     ours = Transformer.from_pretrained(tmp_path / "run" / "final").eval()
@@ -2070,7 +2117,8 @@ def test_torchrun_two_processes_equal_one_process(task, tmp_path, preset):
     and same final weights as one process, to float32 reduction-order tolerance (rel 1e-4)."""
     root, files = task
     for world in (1, 2):
-        _remax(root, files, tmp_path / f"w{world}", "--max_steps", "3", "--preset", preset, world=world)
+        beta = ["--beta", "0"] if preset == "algorithm1" else []            # Algorithm 1 has no KL term
+        _remax(root, files, tmp_path / f"w{world}", "--max_steps", "3", "--preset", preset, *beta, world=world)
     one, two = _rows(tmp_path / "w1" / "metrics.jsonl"), _rows(tmp_path / "w2" / "metrics.jsonl")
     for a, b in zip(one[1:], two[1:]):
         for key in ("loss", "reward_mean", "baseline_mean", "kl", "grad_norm"):
@@ -2103,6 +2151,15 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(task, tmp_path):
     _same_metrics(_rows(tmp_path / "full" / "metrics.jsonl"), _rows(tmp_path / "cut" / "metrics.jsonl"))
     full, resumed = _params(tmp_path / "full" / "final"), _params(tmp_path / "cut" / "final")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_target_kl_stops_at_the_first_evaluation_past_it(task, tmp_path):
+    root, files = task
+    p = _remax(root, files, tmp_path / "run", "--max_steps", "4", "--eval_every", "1", "--target_kl", "1e-12")
+    rows = _rows(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1] and rows[1]["eval/kl_exact"] >= 1e-12
+    assert "reached --target_kl" in p.stdout + p.stderr
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
 def test_ppo_runs_through_the_same_loop_with_its_critic(task, tmp_path):

@@ -32,7 +32,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import data
 import ppo
 import remax
-from model import ModelConfig, Tokenizer, Transformer, generate, read_json, response_logprobs
+from model import ModelConfig, Tokenizer, Transformer, generate, positions_from_mask, read_json, response_logprobs
 from reward import ModelReward, RetokenizedReward, RewardModel, bradley_terry_loss, mistral_to_ultrarm
 
 
@@ -64,7 +64,7 @@ class Config:
     clip: float | None = None
     norm: str | None = None
     temperature: float = 1.0
-    top_p: float = 0.9
+    top_p: float | None = None     # None = the preset's: official 0.9, algorithm1 1.0 (unbiased only at 1)
     top_k: int = 0
     max_prompt_len: int = 256
     overlong: str = "truncate"     # a prompt over max_prompt_len: truncate (keep its last tokens, as official) | error
@@ -84,7 +84,7 @@ class Config:
     activation_checkpointing: bool = False
     eval_every: int = 0            # 0 = only before and after training
     gold: str = ""                 # synthetic: also score held-out greedy answers with the built-in task's gold score
-    target_kl: float = 0.0         # stop once eval KL reaches it (official 1.0); 0 = never
+    target_kl: float = 0.0         # stop once eval kl_exact (per-token) reaches it (official 1.0); 0 = never
     save_every: int = 0            # 0 = no periodic checkpoints (the final export is always written)
     resume: bool = False
     max_bad_steps: int = 5         # consecutive non-finite steps tolerated before stopping
@@ -100,7 +100,7 @@ def parse_args(argv=None, **defaults) -> Config:
         if f.type is bool or isinstance(v, bool):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=v)
         else:
-            kind = {int: int, float: float, str: str}.get(type(v)) or (float if f.name in ("beta", "gamma", "clip") else str)
+            kind = {int: int, float: float, str: str}.get(type(v)) or (float if f.name in ("beta", "gamma", "clip", "top_p") else str)
             p.add_argument(f"--{f.name}", type=kind, default=v)
     return Config(**vars(p.parse_args(argv)))
 
@@ -386,7 +386,14 @@ def remax_options(cfg: Config) -> dict:
     for k in ("kl", "beta", "gamma", "clip", "norm"):
         if getattr(cfg, k) is not None:
             opts[k] = getattr(cfg, k)
+    if cfg.algo == "remax" and opts["kl"] == "none" and opts["beta"]:
+        raise ValueError(f"--beta {opts['beta']} has no effect with --kl none (--preset {cfg.preset}): "
+                         "add --kl k1_onestep or k1_to_go, or drop --beta")
     return opts
+
+
+def sampling_top_p(cfg: Config) -> float:
+    return cfg.top_p if cfg.top_p is not None else (0.9 if cfg.preset == "official" else 1.0)
 
 
 def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
@@ -436,11 +443,14 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
         with gathered(policy):                                                  # Algorithm 1 lines 3-5
             ro = remax.rollout(policy, prompt, prompt_mask, reward_fn,
                                baseline="none" if cfg.algo == "ppo" else cfg.baseline,
-                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               top_p=sampling_top_p(cfg),
                                top_k=cfg.top_k, generator=gen, row_offset=local.start, total_rows=cfg.batch_size)
         t_gen = time.perf_counter() - t0
-        # Losses are token means over the *global* batch (official): rescale each rank's local mean so
-        # that FSDP's gradient average equals one process with the whole batch, whatever the world size.
+        # token_mean is over the *global* batch: rescale each rank's local mean so that FSDP's gradient
+        # average equals one process with the whole batch, whatever the world size. The official code
+        # (DeepSpeed) averages each GPU's own token mean instead; the two agree on one GPU and whenever
+        # every rank holds as many response tokens, and only ours is independent of the GPU count.
         n_local = ro.response_mask.sum().item()
         scale = n_local * ctx.world / max(1.0, ctx.sum(n_local))
 
@@ -483,11 +493,11 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
             ev = evaluate()
             row.update({f"eval/{k}": v for k, v in ev.items()})
             log(ctx, f"[{cfg.algo}] step {step + 1}: " + fmt(ev))
-            if ev["reward_greedy"] > best:
-                best = ev["reward_greedy"]
+            if ev["reward_sampled"] > best:                # official: the best sampled eval reward
+                best = ev["reward_sampled"]
                 export(policy, out / "best", ctx, tok)
-            if cfg.target_kl and ev["kl"] >= cfg.target_kl:
-                log(ctx, f"[{cfg.algo}] eval KL {ev['kl']:.3f} reached --target_kl {cfg.target_kl}: stopping")
+            if cfg.target_kl and ev["kl_exact"] >= cfg.target_kl:
+                log(ctx, f"[{cfg.algo}] eval kl_exact {ev['kl_exact']:.3f} reached --target_kl {cfg.target_kl}: stopping")
                 metrics.write(row)
                 break
         metrics.write(row)
@@ -523,14 +533,17 @@ def bad_prompts(bad_rows, n: int, step: int, cfg: Config, ctx: Dist) -> list[int
 
 @torch.no_grad()
 def eval_policy(policy, ref, reward_fn, prompts, tok, cfg: Config, ctx: Dist, gold=None) -> dict:
-    """Reward of greedy and sampled responses on held-out prompts, and the sampled responses' KL to pi_ref."""
+    """Reward of greedy and sampled responses on held-out prompts, and the sampled responses' KL to pi_ref:
+    kl, the sequence estimate sum_t k1_t; kl_exact, the official metric (the exact KL over the vocabulary
+    at each response token, averaged over tokens)."""
     n = len(prompts) - len(prompts) % ctx.world
     mine = prompts[ctx.rank * (n // ctx.world):(ctx.rank + 1) * (n // ctx.world)]
     prompt, mask = data.left_pad(mine, tok_pad(tok), ctx.device)
     g = torch.Generator(ctx.device).manual_seed(cfg.seed + 1)
     B = len(mine)
     with gathered(policy):
-        resp, rmask = generate(policy, prompt, mask, cfg.max_new_tokens, n=2, generator=g, top_p=cfg.top_p,
+        resp, rmask = generate(policy, prompt, mask, cfg.max_new_tokens, n=2, generator=g,
+                               top_p=sampling_top_p(cfg),
                                temperature=torch.tensor([cfg.temperature] * B + [0.0] * B), pad_id=tok_pad(tok),
                                row_offset=ctx.rank * B, total_rows=n)
     both_p, both_m = prompt.repeat(2, 1), mask.repeat(2, 1)
@@ -544,7 +557,25 @@ def eval_policy(policy, ref, reward_fn, prompts, tok, cfg: Config, ctx: Dist, go
         texts = tok.decode_batch(p[m].tolist() for p, m in zip(prompt, mask))
         greedy = tok.decode_batch(x[m].tolist() for x, m in zip(resp[B:], rmask[B:]))
         stats["gold_greedy"] = sum(gold(p, a) for p, a in zip(texts, greedy)) / B
-    return ctx.mean(stats)
+    stats = ctx.mean(stats)
+    stats["kl_exact"] = exact_kl_over_ranks(policy, ref, prompt, mask, resp[:B], rmask[:B], ctx)
+    return stats
+
+
+@torch.no_grad()
+def exact_kl_over_ranks(policy, ref, prompt, mask, resp, rmask, ctx: Dist, budget: int = 2**24) -> float:
+    """remax.exact_kl over the global eval batch, a few rows at a time: [rows, T, V] logits of at most
+    `budget` entries (128 MB in fp64) per model."""
+    P = prompt.shape[1]
+    tokens, joint = torch.cat([prompt, resp], 1), torch.cat([mask, rmask], 1)
+    positions = positions_from_mask(torch.cat([mask, torch.ones_like(rmask)], 1))
+    rows = max(1, budget // (tokens.shape[1] * policy.config.vocab_size))
+    total = 0.0
+    for s in range(0, len(tokens), rows):                 # the same count on every rank: FSDP's collectives
+        i = slice(s, s + rows)
+        logits, ref_logits = (m(tokens[i], positions[i], joint[i])[:, P - 1:-1] for m in (policy, ref))
+        total += remax.exact_kl(logits, ref_logits, rmask[i]).item() * rmask[i].sum().item()
+    return ctx.sum(total) / max(1.0, ctx.sum(float(rmask.sum())))
 
 
 def plot_metrics(path: Path, keys=("reward_mean", "baseline_mean", "kl", "eval/reward_greedy", "eval/kl")):
@@ -744,6 +775,8 @@ def demo(cfg: Config, ctx: Dist):
                          **DEMO_RM, **common), ctx)
     step3 = {**DEMO_REMAX, **{k: getattr(cfg, k) for k in ("lr", "max_steps", "preset", "baseline", "algo")
                               if getattr(cfg, k) != getattr(Config, k)}}
+    if step3.get("preset") == "algorithm1":
+        step3.pop("beta")                            # Algorithm 1 has no KL term
     result = train_remax(Config(stage="remax", policy=str(sft), reward_model=str(rm), data=str(files["remax"]),
                                 eval_data=str(files["eval"]), out_dir=str(root / "remax"), **step3, **common), ctx)
     if ctx.rank == 0:
