@@ -514,7 +514,11 @@ def load_hf_state_dict(path, expected: dict) -> dict:
                                 "(only safetensors checkpoints are loaded; convert .bin files first)")
     state = {}
     for f in files:
-        for k, v in load_file(path / f).items():
+        try:
+            tensors = load_file(path / f)
+        except Exception as e:    # safetensors' own error type; e.g. a git-lfs pointer or a cut download
+            raise ValueError(f"{path / f}: not a readable safetensors file ({e})") from None
+        for k, v in tensors.items():
             state[k if k.startswith(("lm_head.", "score.", "regression_head.")) else k.removeprefix("model.")] = v
     missing = [hf_name(k) for k in expected if k not in state]
     unexpected = [hf_name(k) for k in state if k not in expected and not k.endswith("rotary_emb.inv_freq")]
@@ -534,6 +538,9 @@ def save_hf_checkpoint(path, config: dict, tensors: dict, max_shard_bytes: int =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)          # mkdtemp's 0700 would survive the rename: unreadable to other users
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shards, size = [[]], 0

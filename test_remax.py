@@ -1541,7 +1541,7 @@ def test_eval_exact_kl_in_row_chunks_equals_exact_kl_on_the_whole_batch():
     pmask = prompt != 0
     resp = torch.tensor([[20, 21, 2, 0, 0], [22, 23, 24, 25, 26], [2, 0, 0, 0, 0]])
     rmask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
-    one = types.SimpleNamespace(sum=lambda x: x)                 # a world of one
+    one = types.SimpleNamespace(sum=lambda x: x, max=lambda x: x)       # a world of one
     with torch.no_grad():
         tokens, joint = torch.cat([prompt, resp], 1), torch.cat([pmask, rmask], 1)
         pos = positions_from_mask(torch.cat([pmask, torch.ones_like(rmask)], 1))
@@ -2162,6 +2162,54 @@ def test_target_kl_stops_at_the_first_evaluation_past_it(task, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+KL_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import train
+from remax import exact_kl
+from model import Transformer, positions_from_mask
+ctx = train.Dist("cpu")
+cfg = train.parse_args(["--device", "cpu"])
+policy = train.load_model({path!r}, cfg, ctx, trainable=False)
+other = Transformer.from_pretrained({path!r}).init_weights(generator=torch.Generator().manual_seed(5))
+other.save_pretrained({other!r}) if ctx.rank == 0 else None
+torch.distributed.barrier()
+ref = train.load_model({other!r}, cfg, ctx, trainable=False)
+g = torch.Generator().manual_seed(0)
+P, N = (3, 4) if ctx.rank == 0 else (9, 8)              # ranks pad to different lengths
+prompt, resp = torch.randint(3, 60, (2, P), generator=g), torch.randint(3, 60, (2, N), generator=g)
+pmask, rmask = torch.ones(2, P, dtype=torch.bool), torch.ones(2, N, dtype=torch.bool)
+got = train.exact_kl_over_ranks(policy, ref, prompt, pmask, resp, rmask, ctx, budget=2 * 10 * 64)
+open({other!r} + f".rank{{ctx.rank}}", "w").write(repr(got))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_exact_kl_over_two_ranks_of_different_lengths_takes_as_many_fsdp_passes(task, tmp_path):
+    """Rows per pass come from the longest rank's length: otherwise the ranks disagree on the number of
+    FSDP forwards and wait in a collective forever."""
+    root, _ = task
+    script = tmp_path / "kl.py"
+    script.write_text(KL_SCRIPT.format(repo=str(REPO), path=str(root / "sft" / "final"), other=str(tmp_path / "other")))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    results = [float((tmp_path / f"other.rank{r}").read_text()) for r in (0, 1)]
+    # The same numbers in one process: each rank's rows drawn as it drew them, token-weighted mean.
+    policy, ref = Transformer.from_pretrained(root / "sft" / "final"), Transformer.from_pretrained(tmp_path / "other")
+    total = count = 0
+    for P, N in ((3, 4), (9, 8)):
+        g = torch.Generator().manual_seed(0)
+        prompt, resp = torch.randint(3, 60, (2, P), generator=g), torch.randint(3, 60, (2, N), generator=g)
+        tokens, mask = torch.cat([prompt, resp], 1), torch.ones(2, P + N, dtype=torch.bool)
+        with torch.no_grad():
+            kl = exact_kl(policy(tokens, mask=mask)[:, P - 1:-1], ref(tokens, mask=mask)[:, P - 1:-1], mask[:, P:])
+        total, count = total + kl.item() * 2 * N, count + 2 * N
+    assert results[0] == results[1] == pytest.approx(total / count, rel=1e-5) and total > 0
+
+
 def test_ppo_runs_through_the_same_loop_with_its_critic(task, tmp_path):
     root, files = task
     _remax(root, files, tmp_path / "ppo", "--algo", "ppo", "--max_steps", "3", "--save_every", "3")
@@ -2246,7 +2294,24 @@ def _bad_inputs(root, files, tmp):
         ("output directory not writable", ["--out_dir", _text(tmp / "a_file", "x") / "run"], "not writable"),
         ("unknown stage", ["--stage", "dpo"], "--stage"),
         ("unknown algorithm", ["--algo", "grpo"], "--algo"),
+        ("a git-lfs pointer instead of weights",
+         ["--policy", _lfs_pointer(_edit_checkpoint(sft, tmp / "lfs"))], "model.safetensors: not a readable safetensors"),
+        ("misspelt preset", ["--preset", "offical"], "--preset: expected official or algorithm1"),
+        ("dtype alias", ["--dtype", "bf16"], "--dtype: expected auto, float32 or bfloat16"),
+        ("no evaluation prompts", ["--eval_size", "0"], "--eval_size: expected >= 1"),
+        ("a fresh run into an earlier run's checkpoints", ["--out_dir", _earlier_run(tmp / "earlier")],
+         "holds checkpoints of an earlier run"),
     ]
+
+
+def _lfs_pointer(ckpt):
+    (ckpt / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    return ckpt
+
+
+def _earlier_run(out):
+    (out / "checkpoints" / "step_0000010").mkdir(parents=True)
+    return out
 
 
 def _text(path, text):
@@ -2270,6 +2335,27 @@ def test_bad_inputs_fail_with_one_clear_line_and_leave_nothing_half_written(task
         assert len(lines) == 1 and "Traceback" not in p.stderr, f"{name}: {p.stderr[-2000:]}"
         assert expected in lines[0], f"{name}: {lines[0]}"
         assert not (out / "final").exists() and not list(out.glob("**/*.tmp")), name
+
+
+def test_sft_needs_room_for_a_response_and_tokenizer_must_fit_the_embedding(tmp_path):
+    import types
+    import train
+    with pytest.raises(SystemExit, match="--max_len 16 must exceed --max_prompt_len 16"):
+        train.main(["--stage", "sft", "--policy", "p", "--data", "d", "--max_len", "16", "--max_prompt_len", "16"])
+    tok = Tokenizer(data.write_char_tokenizer(tmp_path / "tok"))
+    small = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=tok.vocab_size - 1))
+    with pytest.raises(ValueError, match=f"--reward_model: the model has {tok.vocab_size - 1} embeddings"):
+        train.check_vocab(tok, small, "reward_model")
+    train.check_vocab(tok, types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=tok.vocab_size)), "policy")
+
+
+def test_saved_checkpoint_folders_follow_the_umask_not_mkdtemp(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _reward_policy().save_pretrained(tmp_path / "ck")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o755
 
 
 def test_batch_not_divisible_by_world_size_is_refused_by_every_rank(task, tmp_path):

@@ -137,6 +137,11 @@ class Dist:
         dist.all_reduce(t)
         return t.item()
 
+    def max(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
 
 def log(ctx: Dist, *args):
     if ctx.rank == 0:
@@ -192,9 +197,8 @@ def load_model(path, cfg: Config, ctx: Dist, trainable: bool, cls=Transformer):
 def export(model, path, ctx: Dist, tokenizer: Tokenizer | None = None):
     """Gather the full weights (all ranks take part) and let rank 0 write a transformers-loadable folder."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if ctx.rank == 0:
-        model.save_pretrained(path, state_dict=state, extra_files=tokenizer.files() if tokenizer else ())
-    dist.barrier()
+    on_rank0(ctx, lambda: model.save_pretrained(path, state_dict=state,
+                                                extra_files=tokenizer.files() if tokenizer else ()))
 
 
 @contextmanager
@@ -257,7 +261,7 @@ def _train_state(trained: dict, gen: torch.Generator) -> dict:
     return state
 
 
-def save_checkpoint(trained: dict, step: int, gen: torch.Generator, cfg: Config, ctx: Dist):
+def save_checkpoint(trained: dict, step: int, gen: torch.Generator, cfg: Config, ctx: Dist, best=None):
     """DCP checkpoint of {name: (model, optimizer)} and the sampling RNG, written to a temp folder and
     renamed, then `latest` updated: a kill at any moment leaves the previous checkpoint loadable."""
     root = Path(cfg.out_dir) / "checkpoints"
@@ -265,12 +269,13 @@ def save_checkpoint(trained: dict, step: int, gen: torch.Generator, cfg: Config,
     on_rank0(ctx, lambda: shutil.rmtree(tmp, ignore_errors=True))        # left by a run killed mid-save
     dcp.save(_train_state(trained, gen), checkpoint_id=str(tmp))
     dist.barrier()
-    if ctx.rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}))
+
+    def publish():
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "best": best, "config": asdict(cfg)}))
         shutil.rmtree(final, ignore_errors=True)         # a stale copy from a run that died after this step
         os.replace(tmp, final)
         atomic_write(root / "latest", final.name)
-    dist.barrier()
+    on_rank0(ctx, publish)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -303,8 +308,9 @@ class SafePlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
-def load_checkpoint(trained: dict, gen: torch.Generator, cfg: Config) -> int:
-    """Restore the newest complete checkpoint; returns the step to continue from (0 if none).
+def load_checkpoint(trained: dict, gen: torch.Generator, cfg: Config) -> dict:
+    """Restore the newest complete checkpoint; returns its meta.json ({"step": 0} if none): the step to
+    continue from and the best eval reward so far.
 
     Complete = renamed from its temp folder (meta.json is written before the rename), so even a kill
     between the rename and the `latest` update resumes from the newest one.
@@ -312,14 +318,14 @@ def load_checkpoint(trained: dict, gen: torch.Generator, cfg: Config) -> int:
     root = Path(cfg.out_dir) / "checkpoints"
     done = sorted(root.glob("step_*/meta.json"))
     if not done:
-        return 0
+        return {"step": 0}
     path = done[-1].parent
     state = _train_state(trained, gen)
     dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner())
     for name, (model, opt) in trained.items():
         set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
     gen.set_state(state["rng"])
-    return json.loads((path / "meta.json").read_text())["step"]
+    return json.loads((path / "meta.json").read_text())
 
 
 def atomic_write(path: Path, text: str):
@@ -358,7 +364,7 @@ def on_rank0(ctx: Dist, fn):
     if ctx.rank == 0:
         try:
             result = fn()
-        except (ValueError, OSError) as e:
+        except Exception as e:          # any failure: the other ranks must not wait in a collective forever
             error = e
     if ctx.sum(float(error is not None)):
         raise error or RuntimeError("rank 0 failed (its message is above)")
@@ -369,6 +375,10 @@ def start_run(cfg: Config, ctx: Dist) -> Path:
     out = Path(cfg.out_dir)
 
     def write_config():
+        if not cfg.resume and any((out / "checkpoints").glob("step_*")):
+            # A later --resume would otherwise pick up whichever run's checkpoint has the highest step.
+            raise ValueError(f"--out_dir {out}: holds checkpoints of an earlier run; add --resume to continue "
+                             "it, or use another --out_dir")
         try:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
@@ -408,9 +418,12 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
     tok = Tokenizer(cfg.tokenizer or cfg.policy)
     train_prompts, eval_prompts = load_prompts(cfg, tok, ctx)
     policy = load_model(cfg.policy, cfg, ctx, trainable=True)
+    check_vocab(tok, policy, "policy")
     ref = load_model(cfg.policy, cfg, ctx, trainable=False)      # pi_ref: the frozen SFT init
     if reward_fn is None:
         rm = load_model(cfg.reward_model, cfg, ctx, trainable=False, cls=RewardModel)
+        if cfg.reward_format == "same":
+            check_vocab(tok, rm, "reward_model")
         reward_fn = ModelReward(rm) if cfg.reward_format == "same" else \
             RetokenizedReward(rm, Tokenizer(cfg.reward_model), tok, mistral_to_ultrarm)
     opt = make_optimizer(policy, cfg)
@@ -424,7 +437,8 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     if steps_per_epoch == 0:
         raise ValueError(f"--data: {len(train_prompts)} prompts are fewer than one batch (--batch_size {cfg.batch_size})")
-    start = load_checkpoint(trained, gen, cfg) if cfg.resume else 0
+    resumed = load_checkpoint(trained, gen, cfg) if cfg.resume else {"step": 0}
+    start = resumed["step"]
     metrics = Metrics(out / "metrics.jsonl", ctx, start)
     log(ctx, f"[{cfg.algo}] {len(train_prompts)} prompts, {total} steps of {cfg.batch_size}, "
              + (f"options {opts}" if cfg.algo == "remax" else f"kl_ctl {ppo_kl(cfg)}, critic_lr {cfg.critic_lr}"))
@@ -433,7 +447,7 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
     if first:
         metrics.write({"step": 0, **{f"eval/{k}": v for k, v in first.items()}})
         log(ctx, f"[{cfg.algo}] before: " + fmt(first))
-    best, bad = -math.inf, 0
+    best, bad = resumed.get("best", -math.inf), 0
     local = ctx.split(cfg.batch_size)
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -509,7 +523,7 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
             raise SystemExit(f"[{cfg.algo}] {bad} consecutive non-finite steps (--max_bad_steps {cfg.max_bad_steps}): "
                              "stopping; check the reward function and lower --lr")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(trained, step + 1, gen, cfg, ctx)
+            save_checkpoint(trained, step + 1, gen, cfg, ctx, best)
     export(policy, out / "final", ctx, tok)
     if ctx.rank == 0:
         plot_metrics(out / "metrics.jsonl")
@@ -569,9 +583,11 @@ def exact_kl_over_ranks(policy, ref, prompt, mask, resp, rmask, ctx: Dist, budge
     P = prompt.shape[1]
     tokens, joint = torch.cat([prompt, resp], 1), torch.cat([mask, rmask], 1)
     positions = positions_from_mask(torch.cat([mask, torch.ones_like(rmask)], 1))
-    rows = max(1, budget // (tokens.shape[1] * policy.config.vocab_size))
+    # Each pass is an FSDP forward (collectives): every rank must make as many, so size the chunks by the
+    # longest rank's length; every rank holds as many rows.
+    rows = max(1, budget // int(ctx.max(tokens.shape[1]) * policy.config.vocab_size))
     total = 0.0
-    for s in range(0, len(tokens), rows):                 # the same count on every rank: FSDP's collectives
+    for s in range(0, len(tokens), rows):
         i = slice(s, s + rows)
         logits, ref_logits = (m(tokens[i], positions[i], joint[i])[:, P - 1:-1] for m in (policy, ref))
         total += remax.exact_kl(logits, ref_logits, rmask[i]).item() * rmask[i].sum().item()
@@ -615,6 +631,14 @@ def fmt(d: dict) -> str:
     return " ".join(f"{k} {v:.3f}" for k, v in d.items())
 
 
+def check_vocab(tok: Tokenizer, model, flag: str):
+    """Token ids past the embedding would be a device-side assert on GPU, not an error message."""
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"--{flag}: the model has {model.config.vocab_size} embeddings but the tokenizer "
+                         f"{tok.vocab_size} tokens; use the matching --tokenizer (or --reward_format ultrarm "
+                         "for a reward model with its own tokenizer)")
+
+
 def tok_pad(tok: Tokenizer) -> int:
     return tok.pad_id if tok.pad_id is not None else tok.eos_id
 
@@ -636,10 +660,14 @@ def load_prompts(cfg: Config, tok: Tokenizer, ctx: Dist):
     if not cfg.eval_data:
         records = records[:-cfg.eval_size]
     train, counts = data.encode_prompts(tok, records, cfg.prompt_format, cfg.max_prompt_len, cfg.overlong)
-    held, _ = data.encode_prompts(tok, held, cfg.prompt_format, cfg.max_prompt_len, cfg.overlong)
-    log(ctx, f"[data] {cfg.data}: {len(train)} train / {len(held)} eval prompts, {counts['prompts_truncated']} "
-             f"truncated to their last {cfg.max_prompt_len} tokens, {len(train) % cfg.batch_size} left out per epoch")
-    return train, held[:cfg.eval_size]
+    held, _ = data.encode_prompts(tok, held[:cfg.eval_size], cfg.prompt_format, cfg.max_prompt_len, cfg.overlong)
+    if len(held) < ctx.world:
+        raise ValueError(f"--eval_data/--eval_size: {len(held)} evaluation prompts for {ctx.world} ranks; "
+                         "expected at least one per rank")
+    log(ctx, f"[data] {cfg.data}: {len(train)} train / {len(held)} eval prompts (--eval_size {cfg.eval_size}), "
+             f"{counts['prompts_truncated']} truncated to their last {cfg.max_prompt_len} tokens, "
+             f"{len(train) % cfg.batch_size} left out per epoch")
+    return train, held
 
 
 # --------------------------------------------------------------------------- steps 1 and 2: SFT and reward model
@@ -650,7 +678,7 @@ def fit(cfg: Config, ctx: Dist, model, examples: list, loss_fn, name: str, eval_
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     total = cfg.max_steps or data.steps_per_epoch(len(examples), cfg.batch_size) * cfg.epochs
-    start = load_checkpoint({"model": (model, opt)}, gen, cfg) if cfg.resume else 0
+    start = load_checkpoint({"model": (model, opt)}, gen, cfg)["step"] if cfg.resume else 0
     metrics = Metrics(out / "metrics.jsonl", ctx, start)
     ctx.split(cfg.batch_size)
     log(ctx, f"[{name}] {len(examples)} examples, {total} steps of {cfg.batch_size}")
@@ -690,6 +718,7 @@ def train_sft(cfg: Config, ctx: Dist) -> Path:
                                        cfg.max_len - cfg.max_prompt_len, cfg.overlong)
     log(ctx, f"[data] {cfg.data}: {len(examples)} SFT pairs, {counts}")
     model = load_model(cfg.policy, cfg, ctx, trainable=True)
+    check_vocab(tok, model, "policy")
 
     def loss_fn(model, batch):
         tokens, mask, loss_mask = data.sft_batch(batch, tok_pad(tok), ctx.device)
@@ -710,7 +739,7 @@ def train_rm(cfg: Config, ctx: Dist) -> Path:
     out = start_run(cfg, ctx)
     tok = Tokenizer(cfg.tokenizer or cfg.policy)
     records = read_data(cfg, data.read_preferences)
-    held = data.read_preferences(cfg.eval_data) if cfg.eval_data else records[-cfg.eval_size:]
+    held = data.read_preferences(cfg.eval_data)[:cfg.eval_size] if cfg.eval_data else records[-cfg.eval_size:]
     records = records if cfg.eval_data else records[:-cfg.eval_size]
     enc = lambda r: data.encode_preferences(tok, r, cfg.prompt_format, cfg.max_prompt_len, cfg.max_len - cfg.max_prompt_len,
                                             cfg.overlong)
@@ -719,6 +748,7 @@ def train_rm(cfg: Config, ctx: Dist) -> Path:
     # The paper's step 2 starts the RM from the SFT model: written once as an RM folder, then loaded sharded.
     on_rank0(ctx, lambda: RewardModel.init_from_policy(Transformer.from_pretrained(cfg.policy)).save_pretrained(out / "init"))
     model = load_model(out / "init", cfg, ctx, trainable=True, cls=RewardModel)
+    check_vocab(tok, model, "policy")
 
     def loss_fn(model, batch):
         tokens, mask = data.preference_batch(batch, tok_pad(tok), ctx.device)
@@ -817,6 +847,15 @@ def main(argv=None):
             raise SystemExit(f"--{flag} is required for --stage {cfg.stage}")
     if cfg.split not in ("", *SPLITS):
         raise SystemExit(f"--split: expected one of {', '.join(SPLITS)}, got {cfg.split!r}")
+    if cfg.preset not in ("official", "algorithm1"):
+        raise SystemExit(f"--preset: expected official or algorithm1, got {cfg.preset!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise SystemExit(f"--dtype: expected auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.eval_size < 1:
+        raise SystemExit(f"--eval_size: expected >= 1, got {cfg.eval_size}")
+    if cfg.stage in ("sft", "rm") and cfg.max_len <= cfg.max_prompt_len:
+        raise SystemExit(f"--max_len {cfg.max_len} must exceed --max_prompt_len {cfg.max_prompt_len} "
+                         "(the rest is the response's room)")
     if cfg.reward_format not in ("same", "ultrarm"):
         raise SystemExit(f"--reward_format: expected same or ultrarm, got {cfg.reward_format!r}")
     if cfg.gold not in ("", "synthetic"):
