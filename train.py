@@ -666,7 +666,9 @@ def load_prompts(cfg: Config, tok: Tokenizer, ctx: Dist):
                          "expected at least one per rank")
     log(ctx, f"[data] {cfg.data}: {len(train)} train / {len(held)} eval prompts (--eval_size {cfg.eval_size}), "
              f"{counts['prompts_truncated']} truncated to their last {cfg.max_prompt_len} tokens, "
-             f"{len(train) % cfg.batch_size} left out per epoch")
+             f"{len(train) % cfg.batch_size} left out per epoch"
+             + (f"; {len(held) % ctx.world} eval prompts left out (not divisible by {ctx.world} ranks)"
+                if len(held) % ctx.world else ""))
     return train, held
 
 
