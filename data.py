@@ -424,7 +424,7 @@ DEMO_STOP, DEMO_ERROR = 0.5, 0.1       # the SFT demonstrator: stops early (more
 PREFERENCE_TEMPERATURE = 0.05          # Bradley-Terry label noise, in gold-score units
 NEAR_MISSES = 0.7                      # share of preference pairs that are an answer and one edit of it
 MAX_ANSWER_LEN = 10
-CHARS = "\n :=" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+CHARS = "\n :=" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "[]/"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}"
                  "{% elif m['role'] == 'assistant' %}={{ m['content'] }}{{ eos_token }}"
@@ -527,7 +527,7 @@ def _near_miss(rng, letters, answer) -> str:
 
 def write_char_tokenizer(folder) -> Path:
     """The built-in task's tokenizer as a Hugging Face folder (tokenizer.json + tokenizer_config.json):
-    one token per character of CHARS (enough for the HH format too), <pad> 0, <s> 1 (prepended by
+    one token per character of CHARS (enough for the HH and [INST] formats too), <pad> 0, <s> 1 (prepended by
     encode), </s> 2, <unk> 3, and a chat template "<s>{prompt}={response}</s>"."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 

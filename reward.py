@@ -16,6 +16,7 @@ mask (never from a pad id, which may equal EOS). A finished response is cut afte
 token, so it is scored at that EOS (the official `forward_value`: "the first pad/EOS position after
 the prompt"); a truncated response (no EOS) is scored at its last token, with no penalty.
 """
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -191,10 +192,14 @@ class ModelReward:
 
 
 def mistral_to_ultrarm(prompt_text: str, response_text: str) -> str:
-    """UltraRM's template "Human: {instruction}\\nAssistant: {completion}" for a single-turn Mistral-Instruct
-    prompt "[INST] {instruction} [/INST]" (the released ReMax run re-templated its responses this way)."""
-    instruction = prompt_text.replace("[INST]", "").replace("[/INST]", "").strip()
-    return f"Human: {instruction}\nAssistant: {response_text}"
+    """UltraRM's template "Human: {instruction}\nAssistant: {completion}" for a single-turn Mistral-Instruct
+    prompt "[INST] {instruction} [/INST]" (the released ReMax run re-templated its responses this way).
+    UltraRM was trained on single turns: any other prompt is an error, not a garbled RM input."""
+    m = re.fullmatch(r"\s*\[INST\](.*?)\[/INST\]\s*", prompt_text, flags=re.DOTALL)
+    if m is None or "[INST]" in m.group(1):
+        raise ValueError(f"--reward_format ultrarm: expected a single-turn Mistral-Instruct prompt "
+                         f"'[INST] ... [/INST]', got {prompt_text[:80]!r}")
+    return f"Human: {m.group(1).strip()}\nAssistant: {response_text}"
 
 
 class RetokenizedReward:

@@ -521,6 +521,9 @@ def test_retokenized_reward_scores_the_reencoded_text(tmp_path):
     rmask = torch.ones_like(response, dtype=torch.bool)
     texts = ["Human: ab\nAssistant: ba", "Human: c\nAssistant: cabba"]
     assert [mistral_to_ultrarm(p, r) for p, r in (("[INST] ab [/INST]", "ba"), ("[INST] c [/INST]", "cabba"))] == texts
+    for other in ("<|im_start|>user\nab<|im_end|>", "\n\nHuman: ab\n\nAssistant:", "[INST] a [/INST] b [INST] c [/INST]"):
+        with pytest.raises(ValueError, match="single-turn Mistral-Instruct prompt"):
+            mistral_to_ultrarm(other, "ba")              # UltraRM would score a garbled text
     for append_eos in (False, True):
         reward_fn = RetokenizedReward(rm, rm_tok, policy_tok, append_eos=append_eos)
         ids = [rm_tok.encode(texts[0]) + [rm_tok.eos_id] * append_eos, rm_tok.encode(texts[1])]
@@ -1564,7 +1567,20 @@ def test_presets_choose_sampling_and_refuse_a_silent_beta():
         train.remax_options(train.parse_args(base + ["--preset", "algorithm1", "--beta", "0.05"]))
     opts = train.remax_options(train.parse_args(base + ["--preset", "algorithm1", "--beta", "0.05", "--kl", "k1_to_go"]))
     assert opts["kl"] == "k1_to_go" and opts["beta"] == 0.05
-    assert train.remax_options(train.parse_args(base + ["--algo", "ppo", "--preset", "algorithm1", "--beta", "0.1"]))
+    # A preset's beta belongs to its KL mode: --kl none drops the official 0.05; a KL mode needs a beta.
+    assert train.remax_options(train.parse_args(base + ["--kl", "none"]))["beta"] == 0.0
+    with pytest.raises(ValueError, match="--kl k1_onestep with beta 0 .--preset algorithm1. is no penalty"):
+        train.remax_options(train.parse_args(base + ["--preset", "algorithm1", "--kl", "k1_onestep"]))
+    train.check_rl_flags(train.parse_args(base + ["--algo", "ppo", "--preset", "algorithm1", "--beta", "0.1"]))
+    for flags, message in [(["--baseline", "greedyy"], "--baseline: expected one of greedy, none, rloo"),
+                           (["--kl", "k2"], "--kl: expected one of none, k1_onestep, k1_to_go"),
+                           (["--temperature", "-1"], "--temperature: expected >= 0"),
+                           (["--gamma", "nan"], "--gamma: expected in .0, 1]"),
+                           (["--top_k", "-2"], "--top_k: expected >= 0"),
+                           (["--algo", "ppo", "--baseline", "none"], "--baseline: ReMax loss options"),
+                           (["--algo", "ppo", "--reward_format", "ultrarm"], "add --critic")]:
+        with pytest.raises(SystemExit, match=message):
+            train.check_rl_flags(train.parse_args(base + flags))
 
 
 # --------------------------------------------------------------------------- rollout on a tiny random transformer
@@ -2107,6 +2123,31 @@ def test_remax_stage_logs_what_the_issue_lists_and_exports_a_transformers_checkp
     assert not torch.equal(ours.embed_tokens.weight, Transformer.from_pretrained(root / "sft" / "final").embed_tokens.weight)
 
 
+def test_evaluation_samples_as_training_does(task, tmp_path):
+    root, files = task
+    _remax(root, files, tmp_path / "k1", "--max_steps", "1", "--top_k", "1")      # top-1 sampling is greedy
+    rows = _rows(tmp_path / "k1" / "metrics.jsonl")
+    assert rows[1]["sample_eq_greedy"] == 1.0
+    assert rows[0]["eval/reward_sampled"] == rows[0]["eval/reward_greedy"]
+
+
+def test_sft_and_rm_name_the_flags_when_data_is_too_small(task, tmp_path):
+    root, files = task
+    base = ("--policy", root / "sft" / "final", *COMMON, "--batch_size", "8")
+    p = _train("--stage", "rm", "--data", files["rm"], "--out_dir", tmp_path / "rm", *base, "--eval_size", "60",
+               check=False)
+    assert p.returncode == 1 and p.stderr.strip() == (
+        f"train.py: --data {files['rm']}: 4 rm examples left after holding out --eval_size 60 for evaluation "
+        "are fewer than one batch (--batch_size 8)")
+    p = _train("--stage", "sft", "--data", _text(tmp_path / "few.jsonl", '{"prompt": "ab", "response": "ab"}\n' * 3),
+               "--out_dir", tmp_path / "sft", *base, check=False)
+    assert p.stderr.strip().endswith("few.jsonl: 3 sft examples are fewer than one batch (--batch_size 8)")
+    one = _text(tmp_path / "one.jsonl", '{"prompt": "ab", "chosen": "ab", "rejected": "a"}\n')
+    p = _train("--stage", "rm", "--data", files["rm"], "--eval_data", one, "--out_dir", tmp_path / "rm2", *base,
+               world=2, check=False)
+    assert "--eval_data/--eval_size: 1 evaluation pairs for 2 ranks; expected at least one per rank" in p.stderr
+
+
 def _params(path):
     return Transformer.from_pretrained(path).state_dict()
 
@@ -2301,6 +2342,11 @@ def _bad_inputs(root, files, tmp):
         ("no evaluation prompts", ["--eval_size", "0"], "--eval_size: expected >= 1"),
         ("a fresh run into an earlier run's checkpoints", ["--out_dir", _earlier_run(tmp / "earlier")],
          "holds checkpoints of an earlier run"),
+        ("UltraRM's format on prompts that are not Mistral's", ["--reward_format", "ultrarm"],
+         "--reward_format ultrarm: expected a single-turn Mistral-Instruct prompt"),
+        ("an out-of-range sampling flag", ["--top_p", "1.5", "--policy", tmp / "nowhere"], "--top_p: expected in (0, 1]"),
+        ("a KL mode with the preset's beta 0", ["--preset", "algorithm1", "--kl", "k1_onestep"], "no penalty: add --beta"),
+        ("a ReMax loss flag with PPO", ["--algo", "ppo", "--gamma", "0.9"], "--gamma: ReMax loss options, unused"),
     ]
 
 
@@ -2441,10 +2487,18 @@ def test_split_gives_the_three_stages_disjoint_parts_of_one_file(task):
     assert set().union(*keys) == {r["source"] for r in data.read_preferences(files["rm"])}
 
 
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
 def test_reward_model_with_its_own_format_scores_retemplated_text(task, tmp_path):
     root, files = task
-    _remax(root, files, tmp_path / "ultra", "--max_steps", "1", "--reward_format", "ultrarm")
-    same = _remax(root, files, tmp_path / "same", "--max_steps", "1")
+    mistral = _edit_checkpoint(root / "sft" / "final", tmp_path / "mistral")     # the policy, Mistral's prompt format
+    cfg = json.loads((mistral / "tokenizer_config.json").read_text())
+    (mistral / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": MISTRAL_TEMPLATE}))
+    args = ("--policy", mistral, "--max_prompt_len", "32", "--max_steps", "1")
+    _remax(root, files, tmp_path / "ultra", *args, "--reward_format", "ultrarm")
+    same = _remax(root, files, tmp_path / "same", *args)
     a, b = _rows(tmp_path / "ultra" / "metrics.jsonl")[1], _rows(tmp_path / "same" / "metrics.jsonl")[1]
     assert math.isfinite(a["reward_mean"]) and a["reward_mean"] != b["reward_mean"]    # other text, other score
     assert a["length"] == b["length"]                                                   # same rollout

@@ -392,13 +392,20 @@ def start_run(cfg: Config, ctx: Dist) -> Path:
 # --------------------------------------------------------------------------- step 3: ReMax
 
 def remax_options(cfg: Config) -> dict:
+    """The preset's remax_loss options with the flags given on top. A preset's beta belongs to its own KL
+    mode: --kl none drops it, and a KL mode with no beta (--preset algorithm1 has 0) asks for --beta."""
     opts = dict(remax.OFFICIAL if cfg.preset == "official" else remax.ALGORITHM_1)
     for k in ("kl", "beta", "gamma", "clip", "norm"):
         if getattr(cfg, k) is not None:
             opts[k] = getattr(cfg, k)
-    if cfg.algo == "remax" and opts["kl"] == "none" and opts["beta"]:
-        raise ValueError(f"--beta {opts['beta']} has no effect with --kl none (--preset {cfg.preset}): "
-                         "add --kl k1_onestep or k1_to_go, or drop --beta")
+    if cfg.kl == "none" and cfg.beta is None:
+        opts["beta"] = 0.0
+    if opts["kl"] == "none" and opts["beta"]:
+        raise ValueError(f"--beta {opts['beta']} has no effect with --kl none: add --kl k1_onestep or k1_to_go, "
+                         "or drop --beta")
+    if opts["kl"] != "none" and not opts["beta"]:
+        raise ValueError(f"--kl {opts['kl']} with beta 0 (--preset {cfg.preset}) is no penalty: add --beta, "
+                         "e.g. 0.05 (official), or use --kl none")
     return opts
 
 
@@ -417,6 +424,9 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
     gold = data.gold_score if cfg.gold == "synthetic" else gold
     tok = Tokenizer(cfg.tokenizer or cfg.policy)
     train_prompts, eval_prompts = load_prompts(cfg, tok, ctx)
+    if reward_fn is None and cfg.reward_format == "ultrarm":     # every prompt now, before any model is read
+        for text in tok.decode_batch(train_prompts + eval_prompts):
+            mistral_to_ultrarm(text, "")
     policy = load_model(cfg.policy, cfg, ctx, trainable=True)
     check_vocab(tok, policy, "policy")
     ref = load_model(cfg.policy, cfg, ctx, trainable=False)      # pi_ref: the frozen SFT init
@@ -430,13 +440,15 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
     trained = {"model": (policy, opt)}
     if cfg.algo == "ppo":                     # the paper's comparison: a critic initialised from the RM
         critic = load_model(cfg.critic or cfg.reward_model, cfg, ctx, trainable=True, cls=ppo.Critic)
+        check_vocab(tok, critic, "critic" if cfg.critic else "reward_model")
         trained["critic"] = (critic, make_optimizer(critic, cfg))
     gen = torch.Generator(ctx.device).manual_seed(cfg.seed)
-    opts = remax_options(cfg)
+    opts = remax_options(cfg) if cfg.algo == "remax" else None
     steps_per_epoch = len(train_prompts) // cfg.batch_size
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     if steps_per_epoch == 0:
-        raise ValueError(f"--data: {len(train_prompts)} prompts are fewer than one batch (--batch_size {cfg.batch_size})")
+        raise ValueError(f"--data {cfg.data}: {len(train_prompts)} prompts{held_out(cfg)} are fewer than one batch "
+                         f"(--batch_size {cfg.batch_size})")
     resumed = load_checkpoint(trained, gen, cfg) if cfg.resume else {"step": 0}
     start = resumed["step"]
     metrics = Metrics(out / "metrics.jsonl", ctx, start)
@@ -557,7 +569,7 @@ def eval_policy(policy, ref, reward_fn, prompts, tok, cfg: Config, ctx: Dist, go
     B = len(mine)
     with gathered(policy):
         resp, rmask = generate(policy, prompt, mask, cfg.max_new_tokens, n=2, generator=g,
-                               top_p=sampling_top_p(cfg),
+                               top_p=sampling_top_p(cfg), top_k=cfg.top_k,
                                temperature=torch.tensor([cfg.temperature] * B + [0.0] * B), pad_id=tok_pad(tok),
                                row_offset=ctx.rank * B, total_rows=n)
     both_p, both_m = prompt.repeat(2, 1), mask.repeat(2, 1)
@@ -674,9 +686,16 @@ def load_prompts(cfg: Config, tok: Tokenizer, ctx: Dist):
 
 # --------------------------------------------------------------------------- steps 1 and 2: SFT and reward model
 
+def held_out(cfg: Config) -> str:
+    return "" if cfg.eval_data else f" left after holding out --eval_size {cfg.eval_size} for evaluation"
+
+
 def fit(cfg: Config, ctx: Dist, model, examples: list, loss_fn, name: str, eval_fn=None) -> Path:
     """The supervised loop both SFT and RM training use: shuffle, shard, loss, clip, AdamW, cosine."""
     out = Path(cfg.out_dir)
+    if len(examples) < cfg.batch_size:
+        raise ValueError(f"--data {cfg.data}: {len(examples)} {name} examples{held_out(cfg) if eval_fn else ''} "
+                         f"are fewer than one batch (--batch_size {cfg.batch_size})")
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     total = cfg.max_steps or data.steps_per_epoch(len(examples), cfg.batch_size) * cfg.epochs
@@ -747,6 +766,9 @@ def train_rm(cfg: Config, ctx: Dist) -> Path:
                                             cfg.overlong)
     (examples, counts), (held, _) = enc(records), enc(held)
     log(ctx, f"[data] {cfg.data}: {len(examples)} train / {len(held)} eval pairs, {counts}")
+    if len(held) < ctx.world:
+        raise ValueError(f"--eval_data/--eval_size: {len(held)} evaluation pairs for {ctx.world} ranks; "
+                         "expected at least one per rank")
     # The paper's step 2 starts the RM from the SFT model: written once as an RM folder, then loaded sharded.
     on_rank0(ctx, lambda: RewardModel.init_from_policy(Transformer.from_pretrained(cfg.policy)).save_pretrained(out / "init"))
     model = load_model(out / "init", cfg, ctx, trainable=True, cls=RewardModel)
@@ -836,6 +858,36 @@ def show_samples(sft_path: Path, remax_path: Path, eval_file: Path, n: int = 5):
         print(f"{x:10s} {a:12s} ({data.gold_score(x, a):.2f})     {b:12s} ({data.gold_score(x, b):.2f})")
 
 
+def check_rl_flags(cfg: Config):
+    """Step-3 flags, checked before any model is loaded: a bad value would otherwise surface only after
+    three checkpoints were read and the first evaluation ran."""
+    choices = dict(baseline=remax.BASELINES, kl=remax.KL_MODES, norm=remax.NORMS)
+    for flag, allowed in choices.items():
+        if getattr(cfg, flag) is not None and getattr(cfg, flag) not in allowed:
+            raise SystemExit(f"--{flag}: expected one of {', '.join(allowed)}, got {getattr(cfg, flag)!r}")
+    ranges = [("beta", cfg.beta, lambda v: v >= 0, ">= 0"), ("gamma", cfg.gamma, lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("clip", cfg.clip, lambda v: v > 0, "> 0"), ("temperature", cfg.temperature, lambda v: v >= 0, ">= 0"),
+              ("top_p", cfg.top_p, lambda v: 0 < v <= 1, "in (0, 1]"), ("top_k", cfg.top_k, lambda v: v >= 0, ">= 0"),
+              ("max_new_tokens", cfg.max_new_tokens, lambda v: v >= 1, ">= 1")]
+    for flag, value, ok, rule in ranges:
+        if value is not None and not ok(value):        # `not ok`: NaN fails every rule
+            raise SystemExit(f"--{flag}: expected {rule}, got {value!r}")
+    if cfg.algo == "ppo":
+        given = [f"--{k}" for k in ("kl", "gamma", "clip", "norm") if getattr(cfg, k) is not None]
+        given += ["--baseline"] if cfg.baseline != "greedy" else []
+        if given:
+            raise SystemExit(f"{', '.join(given)}: ReMax loss options, unused by --algo ppo (ppo.py keeps DS-Chat's "
+                             "gamma 1, lambda 0.95 and reward clip 5; --beta sets its kl_ctl)")
+        if cfg.reward_format == "ultrarm" and not cfg.critic:
+            raise SystemExit("--algo ppo --reward_format ultrarm: add --critic, a value model on the policy's "
+                             "tokenizer (the reward model reads its own tokens, the critic the policy's)")
+    else:
+        try:
+            remax_options(cfg)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     stages = {"demo": demo, "sft": train_sft, "rm": train_rm, "remax": train_remax}
@@ -864,6 +916,8 @@ def main(argv=None):
         raise SystemExit(f"--gold: expected synthetic or nothing, got {cfg.gold!r}")
     if cfg.example and cfg.example not in ("smollm2-sentiment",):
         raise SystemExit(f"--example: expected smollm2-sentiment, got {cfg.example!r}")
+    if cfg.stage == "remax":
+        check_rl_flags(cfg)
     ctx = Dist(cfg.device)
     try:
         if cfg.example:
