@@ -288,7 +288,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
         path = Path(path)
-        config = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+        config = read_config(path)
         with torch.device("meta"):
             model = cls(config)
         state = load_hf_state_dict(path, expected={k: v.shape for k, v in model.state_dict().items()
@@ -488,6 +488,19 @@ def generate(model, prompt, prompt_mask, max_new_tokens: int, *, n: int = 1, tem
 
 def hf_name(key: str) -> str:
     return key if key.startswith(("lm_head.", "score.", "regression_head.")) else "model." + key
+
+
+def read_config(path) -> ModelConfig:
+    """config.json, with generation_config.json's eos_token_id(s) added to the stop ids: transformers'
+    generate stops on those (Llama-3-Instruct ends a turn with <|eot_id|>, listed only there)."""
+    path = Path(path)
+    config = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+    if (path / "generation_config.json").is_file():
+        eos = read_json(path / "generation_config.json").get("eos_token_id")
+        more = [i for i in ([] if eos is None else [eos] if isinstance(eos, int) else eos) if i not in config.stop_ids]
+        if more:
+            config.eos_id = config.stop_ids + more
+    return config
 
 
 def read_json(path) -> dict:

@@ -2344,9 +2344,12 @@ def _bad_inputs(root, files, tmp):
          "holds checkpoints of an earlier run"),
         ("UltraRM's format on prompts that are not Mistral's", ["--reward_format", "ultrarm"],
          "--reward_format ultrarm: expected a single-turn Mistral-Instruct prompt"),
-        ("an out-of-range sampling flag", ["--top_p", "1.5", "--policy", tmp / "nowhere"], "--top_p: expected in (0, 1]"),
+        ("an out-of-range sampling flag", ["--top_p", "1.5"], "--top_p: expected in (0, 1]"),
         ("a KL mode with the preset's beta 0", ["--preset", "algorithm1", "--kl", "k1_onestep"], "no penalty: add --beta"),
         ("a ReMax loss flag with PPO", ["--algo", "ppo", "--gamma", "0.9"], "--gamma: ReMax loss options, unused"),
+        ("a batch size of 0", ["--batch_size", "0"], "--batch_size: expected >= 1"),
+        ("an unknown device", ["--device", "gpu"], "--device: expected auto, cpu or cuda"),
+        ("a reward model folder that is not there", ["--reward_model", tmp / "no_rm"], "no_rm: folder not found"),
     ]
 
 
@@ -2386,6 +2389,11 @@ def test_bad_inputs_fail_with_one_clear_line_and_leave_nothing_half_written(task
 def test_sft_needs_room_for_a_response_and_tokenizer_must_fit_the_embedding(tmp_path):
     import types
     import train
+    with pytest.raises(SystemExit, match="--beta, --batch_size: the demo takes only --lr, --max_steps"):
+        train.main(["--beta", "0.5", "--batch_size", "16", "--max_steps", "3"])   # would be ignored by the demo
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: no CUDA device available"):
+            train.main(["--stage", "sft", "--policy", str(tmp_path), "--data", "d", "--device", "cuda"])
     with pytest.raises(SystemExit, match="--max_len 16 must exceed --max_prompt_len 16"):
         train.main(["--stage", "sft", "--policy", "p", "--data", "d", "--max_len", "16", "--max_prompt_len", "16"])
     tok = Tokenizer(data.write_char_tokenizer(tmp_path / "tok"))
@@ -2393,6 +2401,26 @@ def test_sft_needs_room_for_a_response_and_tokenizer_must_fit_the_embedding(tmp_
     with pytest.raises(ValueError, match=f"--reward_model: the model has {tok.vocab_size - 1} embeddings"):
         train.check_vocab(tok, small, "reward_model")
     train.check_vocab(tok, types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=tok.vocab_size)), "policy")
+
+
+def test_generation_config_eos_ids_stop_generation_and_must_include_the_tokenizers_eos(tmp_path):
+    import train
+    from model import read_config
+    cfg = ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32, eos_id=5, pad_id=0)
+    Transformer(cfg).init_weights(generator=torch.Generator().manual_seed(0)).save_pretrained(tmp_path / "m")
+    tok = Tokenizer(data.write_char_tokenizer(tmp_path / "m"))                   # its eos is 2, config.json's 5
+    with pytest.raises(ValueError, match=r"the tokenizer's eos token 2 is not among the model's stop ids \[5\]"):
+        train.check_stop(tok, tmp_path / "m", "policy")
+    # Llama-3-Instruct's layout: <|eot_id|> is a stop id only in generation_config.json, as transformers reads it.
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 2]}))
+    assert read_config(tmp_path / "m").stop_ids == [5, 2]
+    train.check_stop(tok, tmp_path / "m", "policy")
+    model = Transformer.from_pretrained(tmp_path / "m")
+    assert model.config.stop_ids == [5, 2]
+    transformers = pytest.importorskip("transformers")
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "m").eos_token_id == [5, 2]
+    model.save_pretrained(tmp_path / "saved")                                    # the stop ids travel in config.json
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["eos_token_id"] == [5, 2]
 
 
 def test_saved_checkpoint_folders_follow_the_umask_not_mkdtemp(tmp_path):
@@ -2471,6 +2499,10 @@ def test_nan_reward_skips_the_step_names_the_prompt_and_stops_after_max_bad_step
     # 8 steps of 4 are one epoch of the 32 prompts: prompt 5 is in exactly one batch, and that step alone skips.
     skipped = [r for r in rows if r["skipped"]]
     assert len(skipped) == 1 and skipped[0]["bad_prompts"] == [5]
+    assert skipped[0]["grad_norm"] is None                     # null: strict JSON (no bare NaN) for any plotting tool
+    strict = lambda c: (_ for _ in ()).throw(ValueError(c))
+    for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=strict)
     assert all("bad_prompts" not in r and math.isfinite(r["loss"]) for r in rows if not r["skipped"])
     final = _params(tmp_path / "nan" / "final")
     assert all(torch.isfinite(v).all() for v in final.values())

@@ -32,7 +32,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import data
 import ppo
 import remax
-from model import ModelConfig, Tokenizer, Transformer, generate, positions_from_mask, read_json, response_logprobs
+from model import ModelConfig, Tokenizer, Transformer, generate, positions_from_mask, read_config, read_json, response_logprobs
 from reward import ModelReward, RetokenizedReward, RewardModel, bradley_terry_loss, mistral_to_ultrarm
 
 
@@ -177,7 +177,7 @@ def load_model(path, cfg: Config, ctx: Dist, trainable: bool, cls=Transformer):
     Only rank 0 holds a full copy (in host memory), so 8 ranks need not 8x the host memory.
     """
     path = Path(path)
-    config = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+    config = read_config(path)
     with torch.device("meta"):
         model = cls(config)
     backbone = model.model if isinstance(model, RewardModel) else model
@@ -308,7 +308,7 @@ class SafePlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
-def load_checkpoint(trained: dict, gen: torch.Generator, cfg: Config) -> dict:
+def load_checkpoint(trained: dict, gen: torch.Generator, cfg: Config, ctx: Dist) -> dict:
     """Restore the newest complete checkpoint; returns its meta.json ({"step": 0} if none): the step to
     continue from and the best eval reward so far.
 
@@ -318,6 +318,7 @@ def load_checkpoint(trained: dict, gen: torch.Generator, cfg: Config) -> dict:
     root = Path(cfg.out_dir) / "checkpoints"
     done = sorted(root.glob("step_*/meta.json"))
     if not done:
+        log(ctx, f"[resume] no checkpoint under {root}: starting at step 0")
         return {"step": 0}
     path = done[-1].parent
     state = _train_state(trained, gen)
@@ -325,7 +326,9 @@ def load_checkpoint(trained: dict, gen: torch.Generator, cfg: Config) -> dict:
     for name, (model, opt) in trained.items():
         set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
     gen.set_state(state["rng"])
-    return json.loads((path / "meta.json").read_text())
+    meta = json.loads((path / "meta.json").read_text())
+    log(ctx, f"[resume] from {path}: continuing after step {meta['step']}")
+    return meta
 
 
 def atomic_write(path: Path, text: str):
@@ -353,9 +356,10 @@ class Metrics:
             atomic_write(path, "".join(l + "\n" for l in keep))
 
     def write(self, row: dict):
-        if self.on:
+        if self.on:             # NaN / inf (a skipped step) as null: bare NaN is not JSON outside Python
+            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
 def on_rank0(ctx: Dist, fn):
@@ -423,6 +427,7 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
     out = start_run(cfg, ctx)
     gold = data.gold_score if cfg.gold == "synthetic" else gold
     tok = Tokenizer(cfg.tokenizer or cfg.policy)
+    check_stop(tok, cfg.policy, "policy")
     train_prompts, eval_prompts = load_prompts(cfg, tok, ctx)
     if reward_fn is None and cfg.reward_format == "ultrarm":     # every prompt now, before any model is read
         for text in tok.decode_batch(train_prompts + eval_prompts):
@@ -449,7 +454,7 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
     if steps_per_epoch == 0:
         raise ValueError(f"--data {cfg.data}: {len(train_prompts)} prompts{held_out(cfg)} are fewer than one batch "
                          f"(--batch_size {cfg.batch_size})")
-    resumed = load_checkpoint(trained, gen, cfg) if cfg.resume else {"step": 0}
+    resumed = load_checkpoint(trained, gen, cfg, ctx) if cfg.resume else {"step": 0}
     start = resumed["step"]
     metrics = Metrics(out / "metrics.jsonl", ctx, start)
     log(ctx, f"[{cfg.algo}] {len(train_prompts)} prompts, {total} steps of {cfg.batch_size}, "
@@ -459,7 +464,7 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
     if first:
         metrics.write({"step": 0, **{f"eval/{k}": v for k, v in first.items()}})
         log(ctx, f"[{cfg.algo}] before: " + fmt(first))
-    best, bad = resumed.get("best", -math.inf), 0
+    best, bad, ev = resumed.get("best", -math.inf), 0, None
     local = ctx.split(cfg.batch_size)
     for step in range(start, total):
         t0 = time.perf_counter()
@@ -540,7 +545,8 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
     if ctx.rank == 0:
         plot_metrics(out / "metrics.jsonl")
     log(ctx, f"[{cfg.algo}] wrote {out / 'final'} (best eval: {out / 'best'}), metrics {out / 'metrics.jsonl'}")
-    return {"before": first, "after": evaluate()}
+    # The loop's last step always evaluated (at total, or where --target_kl stopped it): that is the final policy.
+    return {"before": first, "after": ev if ev is not None else evaluate()}
 
 
 def ppo_kl(cfg: Config) -> float:
@@ -617,7 +623,7 @@ def plot_metrics(path: Path, keys=("reward_mean", "baseline_mean", "kl", "eval/r
     rows = [r for r in map(_json_or_none, path.read_text().splitlines()) if r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if k in r]
+        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
         if pts:
             axes[int("kl" in k)].plot(*zip(*pts), label=k, marker="." if k.startswith("eval/") else None)
     for ax, title in zip(axes, ("reward", "KL to the reference")):
@@ -640,7 +646,7 @@ def peak_memory_gb(ctx: Dist) -> float:
 
 
 def fmt(d: dict) -> str:
-    return " ".join(f"{k} {v:.3f}" for k, v in d.items())
+    return " ".join(f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.3f}" for k, v in d.items())
 
 
 def check_vocab(tok: Tokenizer, model, flag: str):
@@ -649,6 +655,15 @@ def check_vocab(tok: Tokenizer, model, flag: str):
         raise ValueError(f"--{flag}: the model has {model.config.vocab_size} embeddings but the tokenizer "
                          f"{tok.vocab_size} tokens; use the matching --tokenizer (or --reward_format ultrarm "
                          "for a reward model with its own tokenizer)")
+
+
+def check_stop(tok: Tokenizer, path, flag: str):
+    """SFT ends every response with the tokenizer's EOS; generation stops on the checkpoint's eos_token_id(s)."""
+    stop_ids = read_config(path).stop_ids
+    if tok.eos_id is not None and tok.eos_id not in stop_ids:
+        raise ValueError(f"--{flag} {path}: the tokenizer's eos token {tok.eos_id} is not among the model's stop ids "
+                         f"{stop_ids} (eos_token_id in config.json / generation_config.json): "
+                         "responses trained to end with it would never stop generation")
 
 
 def tok_pad(tok: Tokenizer) -> int:
@@ -699,7 +714,7 @@ def fit(cfg: Config, ctx: Dist, model, examples: list, loss_fn, name: str, eval_
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     total = cfg.max_steps or data.steps_per_epoch(len(examples), cfg.batch_size) * cfg.epochs
-    start = load_checkpoint({"model": (model, opt)}, gen, cfg)["step"] if cfg.resume else 0
+    start = load_checkpoint({"model": (model, opt)}, gen, cfg, ctx)["step"] if cfg.resume else 0
     metrics = Metrics(out / "metrics.jsonl", ctx, start)
     ctx.split(cfg.batch_size)
     log(ctx, f"[{name}] {len(examples)} examples, {total} steps of {cfg.batch_size}")
@@ -735,6 +750,7 @@ def train_sft(cfg: Config, ctx: Dist) -> Path:
     """Step 1: maximise log pi(response | prompt) on demonstrations (loss on response tokens and EOS only)."""
     out = start_run(cfg, ctx)
     tok = Tokenizer(cfg.tokenizer or cfg.policy)
+    check_stop(tok, cfg.policy, "policy")
     examples, counts = data.encode_sft(tok, read_data(cfg, data.read_sft), cfg.prompt_format, cfg.max_prompt_len,
                                        cfg.max_len - cfg.max_prompt_len, cfg.overlong)
     log(ctx, f"[data] {cfg.data}: {len(examples)} SFT pairs, {counts}")
@@ -811,7 +827,8 @@ def demo(cfg: Config, ctx: Dist):
 
     The task: spell the prompt's letters in order. SFT imitates a sloppy demonstrator, the RM learns
     noisy preferences, and ReMax should raise both the RM's and the gold score of greedy answers.
-    --lr, --max_steps, --preset, --baseline, --algo and --seed given on the command line apply to step 3.
+    --lr, --max_steps, --preset, --baseline, --algo and --seed given on the command line apply to step 3;
+    --out_dir and --device to all three; any other flag is an error (main), not silently ignored.
     """
     root = Path(cfg.out_dir if cfg.out_dir != Config.out_dir else "out/demo")
     names = {"sft": "sft.jsonl", "rm": "preferences.jsonl", "remax": "prompts.jsonl", "eval": "eval_prompts.jsonl"}
@@ -888,8 +905,17 @@ def check_rl_flags(cfg: Config):
             raise SystemExit(str(e)) from None
 
 
+DEMO_FLAGS = ("stage", "lr", "max_steps", "preset", "baseline", "algo", "seed", "out_dir", "device")
+
+
 def main(argv=None):
     cfg = parse_args(argv)
+    if cfg.stage == "demo" and not cfg.example:
+        ignored = [f"--{f.name}" for f in fields(Config) if f.name not in DEMO_FLAGS
+                   and getattr(cfg, f.name) != getattr(Config, f.name)]
+        if ignored:
+            raise SystemExit(f"{', '.join(ignored)}: the demo takes only --{', --'.join(DEMO_FLAGS[1:])}; "
+                             "run --stage sft / rm / remax for the rest")
     stages = {"demo": demo, "sft": train_sft, "rm": train_rm, "remax": train_remax}
     if cfg.stage not in stages:
         raise SystemExit(f"--stage: expected one of {', '.join(stages)}, got {cfg.stage!r}")
@@ -907,6 +933,12 @@ def main(argv=None):
         raise SystemExit(f"--dtype: expected auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.eval_size < 1:
         raise SystemExit(f"--eval_size: expected >= 1, got {cfg.eval_size}")
+    if cfg.batch_size < 1:
+        raise SystemExit(f"--batch_size: expected >= 1, got {cfg.batch_size}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: no CUDA device available to torch {torch.__version__}")
     if cfg.stage in ("sft", "rm") and cfg.max_len <= cfg.max_prompt_len:
         raise SystemExit(f"--max_len {cfg.max_len} must exceed --max_prompt_len {cfg.max_prompt_len} "
                          "(the rest is the response's room)")
@@ -918,8 +950,13 @@ def main(argv=None):
         raise SystemExit(f"--example: expected smollm2-sentiment, got {cfg.example!r}")
     if cfg.stage == "remax":
         check_rl_flags(cfg)
+    for flag in ("policy", "reward_model", "critic", "tokenizer"):
+        if getattr(cfg, flag) and not Path(getattr(cfg, flag)).is_dir():
+            raise SystemExit(f"--{flag} {getattr(cfg, flag)}: folder not found (expected a Hugging Face checkpoint folder)")
     ctx = Dist(cfg.device)
     try:
+        if cfg.stage != "demo" and not cfg.example:
+            ctx.split(cfg.batch_size)                   # before any model is read, not at the first step
         if cfg.example:
             import convert
             convert.smollm2_sentiment(cfg, ctx)
