@@ -782,6 +782,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"bench.py {args.cmd}: --device {args.device}, but torch {torch.__version__} sees no CUDA device")
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

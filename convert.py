@@ -113,7 +113,10 @@ def convert_gguf(gguf_path, out_dir) -> Path:
         return out_dir
     if not gguf_path.is_file():
         raise FileNotFoundError(f"{gguf_path}: GGUF file not found")
-    reader = GGUFReader(gguf_path)
+    try:
+        reader = GGUFReader(gguf_path)
+    except ValueError as e:
+        raise ValueError(f"{gguf_path}: not a readable GGUF file ({e})") from None
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{gguf_path}: general.architecture must be 'llama', got {arch!r}")
@@ -321,5 +324,8 @@ def report(result: dict, run):
 if __name__ == "__main__":
     if len(sys.argv) > 3:
         sys.exit("usage: python convert.py [model.gguf] [out_dir]")
-    src = Path(sys.argv[1]) if len(sys.argv) > 1 else smollm2_gguf()
-    print(convert_gguf(src, Path(sys.argv[2]) if len(sys.argv) > 2 else default_cache_dir() / src.stem))
+    try:
+        src = Path(sys.argv[1]) if len(sys.argv) > 1 else smollm2_gguf()
+        print(convert_gguf(src, Path(sys.argv[2]) if len(sys.argv) > 2 else default_cache_dir() / src.stem))
+    except (ValueError, OSError) as e:                   # bad input: one line, no traceback (gguf: "magic invalid")
+        sys.exit(f"convert.py: {e}")

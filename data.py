@@ -66,7 +66,8 @@ def write_jsonl(path, records) -> Path:
 def _rows(path):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found (expected a JSONL file, one JSON object per line)")
+        what = "a folder" if path.is_dir() else "file not found"
+        raise FileNotFoundError(f"{path}: {what} (expected a JSONL file, one JSON object per line)")
     rows = []
     with path.open("rb") as f:
         for i, raw in enumerate(f, 1):
@@ -317,7 +318,8 @@ def _prompt_ids(tok, record, fmt, max_len, overlong, counts) -> tuple[list[int],
     ids = tok.encode(text, add_special_tokens=fmt != "chat")
     if len(ids) > max_len:
         if overlong != "truncate":
-            raise ValueError(f"{where}: prompt has {len(ids)} tokens, more than the maximum {max_len}")
+            raise ValueError(f"{where}: prompt has {len(ids)} tokens, more than the maximum {max_len} "
+                             "(--max_prompt_len; --overlong truncate keeps the last ones)")
         ids = ids[len(ids) - max_len:]
         counts["prompts_truncated"] += 1
     return ids, text
@@ -332,7 +334,7 @@ def _response_ids(tok, record, key, prompt_text, fmt, max_len, overlong, counts)
     if len(ids) + 1 > max_len:
         if overlong != "truncate":
             raise ValueError(f"{record.get('source', 'record')}: {key} has {len(ids) + 1} tokens with EOS, "
-                             f"more than the maximum {max_len}")
+                             f"more than the maximum {max_len} (--max_len minus --max_prompt_len)")
         counts["responses_truncated"] += 1
         return ids[:max_len]
     return ids + [tok.eos_id]

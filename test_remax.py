@@ -844,7 +844,7 @@ def test_encode_prompts_per_format_and_keeps_last_tokens_of_overlong_prompts(tmp
     assert ids == [[1, *_data_ids("\n\nHuman: abc\n\nAssistant:")]]
     ids, counts = data.encode_prompts(tok, recs, "hh", max_len=5)
     assert ids == [_data_ids("tant:")] * 2 and counts["prompts_truncated"] == 2
-    with pytest.raises(ValueError, match=r"^x:2: prompt has 10 tokens, more than the maximum 8$"):
+    with pytest.raises(ValueError, match=r"^x:2: prompt has 10 tokens, more than the maximum 8 \(--max_prompt_len; "):
         data.encode_prompts(tok, recs, "chat", max_len=8, overlong="error")
     with pytest.raises(ValueError, match=r"^x:2: prompt has 10 tokens"):
         data.encode_prompts(tok, recs, "chat", max_len=8, overlong="reject")          # the older name
@@ -866,7 +866,7 @@ def test_encode_sft_and_preferences_append_eos_and_truncate_responses(tmp_path):
     assert ex[1] == _data_ids("abcd") and counts["responses_truncated"] == 1
     (ex,), counts = data.encode_sft(tok, [r], "chat", max_prompt_len=16, max_response_len=7)   # 6 + EOS fits
     assert ex[1] == [*_data_ids("abcdef"), 2] and counts["responses_truncated"] == 0
-    with pytest.raises(ValueError, match=r"^s:3: response has 7 tokens with EOS, more than the maximum 4$"):
+    with pytest.raises(ValueError, match=r"^s:3: response has 7 tokens with EOS, more than the maximum 4 \(--max_len minus --max_prompt_len\)$"):
         data.encode_sft(tok, [r], "chat", max_prompt_len=16, max_response_len=4, overlong="error")
     (ex,), counts = data.encode_preferences(tok, [r], "chat", max_prompt_len=3, max_response_len=3)
     assert ex == (_data_ids("bc="), _data_ids("abc"), [*_data_ids("ab"), 2])
@@ -2020,6 +2020,10 @@ def test_bench_maxbatch_without_cuda_writes_nothing(tmp_path, capsys):
     assert bench.main(["maxbatch", "--out", str(out)]) is None
     assert "needs a CUDA device" in capsys.readouterr().out
     assert not out.exists()
+    if not torch.cuda.is_available():         # the README's GPU command on a CPU machine: one line, nothing written
+        with pytest.raises(SystemExit, match="--device cuda, but torch .* sees no CUDA device"):
+            bench.main(["maxbatch", "--device", "cuda", "--dtype", "bfloat16", "--size", "1b", "--out", str(out)])
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("limit", [0, 1, 5, 7, 8, 100, 1000, 5000])
@@ -2188,10 +2192,16 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(task, tmp_path):
     import shutil
     shutil.rmtree(ckpt / "step_0000004")
     (ckpt / "latest").write_text("step_0000002")
-    _remax(root, files, tmp_path / "cut", "--max_steps", "4", "--save_every", "2", "--resume")
+    p = _remax(root, files, tmp_path / "cut", "--max_steps", "4", "--save_every", "2", "--resume")
+    assert f"[resume] from {ckpt / 'step_0000002'}: continuing after step 2" in p.stdout
+    assert "flags changed" not in p.stdout
     _same_metrics(_rows(tmp_path / "full" / "metrics.jsonl"), _rows(tmp_path / "cut" / "metrics.jsonl"))
     full, resumed = _params(tmp_path / "full" / "final"), _params(tmp_path / "cut" / "final")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+    p = _remax(root, files, tmp_path / "cut", "--max_steps", "5", "--save_every", "2", "--resume", "--lr", "2e-3")
+    assert "[resume] flags changed since the earlier run: --lr 0.001 -> 0.002, --max_steps 4 -> 5" in p.stdout
+    p = _remax(root, files, tmp_path / "fresh", "--max_steps", "1", "--resume")         # nothing to resume: says so
+    assert f"[resume] no checkpoint under {tmp_path / 'fresh' / 'checkpoints'}: starting at step 0" in p.stdout
 
 
 def test_target_kl_stops_at_the_first_evaluation_past_it(task, tmp_path):
@@ -2812,6 +2822,16 @@ def _convert_chat_ids(tok, messages):
 
 
 @needs_smollm2
+def test_convert_bad_input_is_one_line_naming_the_file(tmp_path):
+    pytest.importorskip("gguf")
+    for src, expected in ((tmp_path / "missing.gguf", "missing.gguf: GGUF file not found"),
+                          (_text(tmp_path / "text.gguf", "not a gguf"), "text.gguf: not a readable GGUF file")):
+        p = subprocess.run([sys.executable, "convert.py", str(src), str(tmp_path / "out")], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and expected in p.stderr, p.stderr
+        assert not (tmp_path / "out").exists()
+
+
 def test_convert_smollm2_is_cached_and_matches_transformers(smollm2):
     # Same logits as transformers on the converted folder, same chat-template prompt ids as its tokenizer.
     transformers = pytest.importorskip("transformers")

@@ -383,6 +383,12 @@ def start_run(cfg: Config, ctx: Dist) -> Path:
             # A later --resume would otherwise pick up whichever run's checkpoint has the highest step.
             raise ValueError(f"--out_dir {out}: holds checkpoints of an earlier run; add --resume to continue "
                              "it, or use another --out_dir")
+        if cfg.resume and (out / "config.json").is_file():
+            # The earlier rows of metrics.jsonl were made under the old config.json, which is replaced now.
+            old = _json_or_none((out / "config.json").read_text()) or {}
+            changed = [f"--{k} {old[k]} -> {v}" for k, v in asdict(cfg).items() if k != "resume" and k in old and old[k] != v]
+            if changed:
+                print(f"[resume] flags changed since the earlier run: {', '.join(changed)}", flush=True)
         try:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
