@@ -123,7 +123,7 @@ class Critic(RewardModel):
         """tokens [B, T], mask [B, T] bool -> values [B, T] float32: V of the state ending at each token."""
         mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
         h = self.model(tokens, positions_from_mask(mask) if positions is None else positions, mask, return_hidden=True)
-        return (h @ self.score.weight[0]).float()
+        return h.float() @ self.score.weight[0].float()          # fp32 dot, as RewardModel: bf16 values step in 2^-5
 
     @classmethod
     def from_reward_model(cls, rm: RewardModel) -> "Critic":

@@ -470,6 +470,12 @@ def test_bf16_reward_model_takes_its_score_dot_product_in_fp32():
         got = rm(tokens)
     assert torch.equal(got, want)
     assert not torch.equal(want.to(torch.bfloat16).float(), want)       # the fp32 digits are really there
+    critic = ppo.Critic.from_reward_model(rm)                           # the PPO critic reads V the same way
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    with torch.no_grad():
+        h = critic.model(tokens, positions_from_mask(mask), mask, return_hidden=True)
+        v = critic(tokens, mask)
+    assert torch.equal(v, h.float() @ critic.score.weight[0].float()) and v.dtype == torch.float32
 
 
 def test_init_from_policy_copies_backbone_and_starts_at_zero_reward():
