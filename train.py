@@ -482,7 +482,8 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
                                baseline="none" if cfg.algo == "ppo" else cfg.baseline,
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                top_p=sampling_top_p(cfg),
-                               top_k=cfg.top_k, generator=gen, row_offset=local.start, total_rows=cfg.batch_size)
+                               top_k=cfg.top_k, pad_id=tok_pad(tok), generator=gen, row_offset=local.start,
+                               total_rows=cfg.batch_size)
         t_gen = time.perf_counter() - t0
         # token_mean is over the *global* batch: rescale each rank's local mean so that FSDP's gradient
         # average equals one process with the whole batch, whatever the world size. The official code
