@@ -2204,8 +2204,10 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(task, tmp_path):
     _same_metrics(_rows(tmp_path / "full" / "metrics.jsonl"), _rows(tmp_path / "cut" / "metrics.jsonl"))
     full, resumed = _params(tmp_path / "full" / "final"), _params(tmp_path / "cut" / "final")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    p = _remax(root, files, tmp_path / "cut", "--max_steps", "5", "--save_every", "2", "--resume", "--lr", "2e-3")
-    assert "[resume] flags changed since the earlier run: --lr 0.001 -> 0.002, --max_steps 4 -> 5" in p.stdout
+    p = _remax(root, files, tmp_path / "cut", "--max_steps", "5", "--save_every", "1", "--resume", "--lr", "2e-3")
+    assert "[resume] flags changed since the earlier run: --lr 0.001 -> 0.002, --max_steps 4 -> 5, --save_every 2 -> 1" \
+        in p.stdout
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_0000004", "step_0000005"]    # the newest two kept
     p = _remax(root, files, tmp_path / "fresh", "--max_steps", "1", "--resume")         # nothing to resume: says so
     assert f"[resume] no checkpoint under {tmp_path / 'fresh' / 'checkpoints'}: starting at step 0" in p.stdout
 

@@ -263,7 +263,8 @@ def _train_state(trained: dict, gen: torch.Generator) -> dict:
 
 def save_checkpoint(trained: dict, step: int, gen: torch.Generator, cfg: Config, ctx: Dist, best=None):
     """DCP checkpoint of {name: (model, optimizer)} and the sampling RNG, written to a temp folder and
-    renamed, then `latest` updated: a kill at any moment leaves the previous checkpoint loadable."""
+    renamed, then `latest` updated: a kill at any moment leaves the previous checkpoint loadable. Only
+    then are checkpoints older than the newest two removed."""
     root = Path(cfg.out_dir) / "checkpoints"
     final, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
     on_rank0(ctx, lambda: shutil.rmtree(tmp, ignore_errors=True))        # left by a run killed mid-save
@@ -275,6 +276,8 @@ def save_checkpoint(trained: dict, step: int, gen: torch.Generator, cfg: Config,
         shutil.rmtree(final, ignore_errors=True)         # a stale copy from a run that died after this step
         os.replace(tmp, final)
         atomic_write(root / "latest", final.name)
+        for old in sorted(root.glob("step_*"))[:-2]:     # the newest two: a 7B run's states are ~84 GB each
+            shutil.rmtree(old, ignore_errors=True)
     on_rank0(ctx, publish)
 
 
