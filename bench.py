@@ -542,6 +542,7 @@ def curve_options(args, algo: str, seed: int) -> dict:
     from train import DEMO_COMMON, DEMO_REMAX
     opts = {**DEMO_COMMON, **DEMO_REMAX, "max_steps": args.max_steps or DEMO_REMAX["max_steps"],
             "eval_every": args.eval_every, "gold": "synthetic"}
+    opts.pop("max_len")                  # SFT/RM only: train.py --stage remax refuses it
     if args.smoke:                       # tiny batch, responses and eval: exercises the pipeline only
         opts.update(batch_size=4, max_new_tokens=4, eval_size=4, eval_every=1)
     opts.update(CURVE_ALGOS[algo], seed=seed, device=args.device, dtype=args.dtype)

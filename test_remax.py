@@ -2056,8 +2056,9 @@ def test_bench_search_max(limit, tol):
 REPO = Path(__file__).resolve().parent
 TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64,
             bos_id=1, eos_id=2, pad_id=0)
-COMMON = ["--prompt_format", "chat", "--max_prompt_len", "16", "--max_len", "32", "--weight_decay", "0",
-          "--eval_size", "8", "--seed", "7"]
+COMMON = ["--prompt_format", "chat", "--max_prompt_len", "16", "--weight_decay", "0", "--seed", "7"]
+SFT_ARGS, RM_ARGS, RL_ARGS = [*COMMON, "--max_len", "32"], [*COMMON, "--max_len", "32", "--eval_size", "8"], \
+    [*COMMON, "--eval_size", "8"]
 
 
 def _train(*args, world=1, check=True):
@@ -2086,16 +2087,16 @@ def task(tmp_path_factory):
     init = Transformer(ModelConfig(**TINY)).init_weights(generator=torch.Generator().manual_seed(0))
     init.save_pretrained(root / "init", extra_files=tok.files())
     _train("--stage", "sft", "--policy", root / "init", "--data", files["sft"], "--out_dir", root / "sft",
-           "--lr", "3e-3", "--batch_size", "8", "--max_steps", "6", *COMMON)
+           "--lr", "3e-3", "--batch_size", "8", "--max_steps", "6", *SFT_ARGS)
     _train("--stage", "rm", "--policy", root / "sft" / "final", "--data", files["rm"], "--out_dir", root / "rm",
-           "--lr", "1e-3", "--batch_size", "8", "--max_steps", "5", *COMMON)
+           "--lr", "1e-3", "--batch_size", "8", "--max_steps", "5", *RM_ARGS)
     return root, files
 
 
 def _remax(root, files, out, *extra, world=1, check=True):
     return _train("--stage", "remax", "--policy", root / "sft" / "final", "--reward_model", root / "rm" / "final",
                   "--data", files["remax"], "--eval_data", files["eval"], "--out_dir", out, "--lr", "1e-3",
-                  "--batch_size", "4", "--max_new_tokens", "6", "--beta", "0.05", *COMMON, *extra, world=world,
+                  "--batch_size", "4", "--max_new_tokens", "6", "--beta", "0.05", *RL_ARGS, *extra, world=world,
                   check=check)
 
 
@@ -2156,6 +2157,27 @@ def test_sft_and_rm_name_the_flags_when_data_is_too_small(task, tmp_path):
     p = _train("--stage", "rm", "--data", files["rm"], "--eval_data", one, "--out_dir", tmp_path / "rm2", *base,
                world=2, check=False)
     assert "--eval_data/--eval_size: 1 evaluation pairs for 2 ranks; expected at least one per rank" in p.stderr
+    # Rank 0 alone reads checkpoints: when that fails, rank 1 says so in one line too (no traceback from train.py).
+    p = _train("--stage", "sft", "--data", files["sft"], "--out_dir", tmp_path / "sft2", *base[:1], root / "rm" / "final",
+               *base[2:], world=2, check=False)
+    assert p.returncode != 0 and "lm_head.weight" in p.stderr
+    assert "train.py: rank 1: rank 0 failed (its message is above)" in p.stderr
+    assert 'train.py", line' not in p.stderr and "Rank0Failed" not in p.stderr, p.stderr[-3000:]
+
+
+def test_rm_export_scores_batches_in_transformers_when_the_policy_config_has_no_pad_id(task, tmp_path):
+    root, files = task                                   # Llama-2 / Mistral configs have no pad_token_id
+    nopad = _edit_checkpoint(root / "sft" / "final", tmp_path / "nopad", config=lambda c: c.pop("pad_token_id"))
+    _train("--stage", "rm", "--policy", nopad, "--data", files["rm"], "--out_dir", tmp_path / "rm", "--lr", "1e-3",
+           "--batch_size", "8", "--max_steps", "1", *RM_ARGS)
+    assert not (tmp_path / "rm" / "init").exists()                        # the initial RM copy is removed once read
+    assert json.loads((tmp_path / "rm" / "final" / "config.json").read_text())["pad_token_id"] == 0  # the tokenizer's
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final").eval()
+    ours = RewardModel.from_pretrained(tmp_path / "rm" / "final").eval()
+    tokens = torch.tensor([[1, 10, 11, 12, 2], [1, 13, 14, 2, 0]])       # right-padded, scored at each EOS
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits[:, 0], ours(tokens, tokens != 0), rtol=1e-4, atol=1e-5)
 
 
 def _params(path):
@@ -2294,7 +2316,7 @@ def test_kill_minus_9_at_a_random_step_then_resume_matches_the_uninterrupted_run
     cmd = [sys.executable, "train.py", "--stage", "remax", "--policy", root / "sft" / "final", "--reward_model",
            root / "rm" / "final", "--data", files["remax"], "--eval_data", files["eval"], "--out_dir",
            tmp_path / "killed", "--lr", "1e-3", "--batch_size", "4", "--max_new_tokens", "6", "--beta", "0.05",
-           *COMMON, *args]
+           *RL_ARGS, *args]
     p = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -2366,6 +2388,9 @@ def _bad_inputs(root, files, tmp):
         ("a KL mode with the preset's beta 0", ["--preset", "algorithm1", "--kl", "k1_onestep"], "no penalty: add --beta"),
         ("a ReMax loss flag with PPO", ["--algo", "ppo", "--gamma", "0.9"], "--gamma: ReMax loss options, unused"),
         ("a batch size of 0", ["--batch_size", "0"], "--batch_size: expected >= 1"),
+        ("a negative learning rate", ["--lr", "-1"], "--lr: expected > 0"),
+        ("an SFT/RM flag in step 3", ["--max_len", "64"], "--max_len: not used by --stage remax"),
+        ("a PPO flag without --algo ppo", ["--critic_lr", "1"], "--critic_lr: not used by --stage remax (--critic"),
         ("an unknown device", ["--device", "gpu"], "--device: expected auto, cpu or cuda"),
         ("a reward model folder that is not there", ["--reward_model", tmp / "no_rm"], "no_rm: folder not found"),
     ]
@@ -2409,6 +2434,14 @@ def test_sft_needs_room_for_a_response_and_tokenizer_must_fit_the_embedding(tmp_
     import train
     with pytest.raises(SystemExit, match="--beta, --batch_size: the demo takes only --lr, --max_steps"):
         train.main(["--beta", "0.5", "--batch_size", "16", "--max_steps", "3"])   # would be ignored by the demo
+    with pytest.raises(SystemExit, match="--baseline: expected one of greedy, none, rloo"):
+        train.main(["--baseline", "foo"])                                          # before the demo trains anything
+    with pytest.raises(SystemExit, match="--eval_data, --eval_every: not used by --stage sft"):
+        train.main(["--stage", "sft", "--policy", "p", "--data", "d", "--eval_data", "e.jsonl", "--eval_every", "1"])
+    with pytest.raises(SystemExit, match="--beta, --top_p: not used by --stage rm"):
+        train.main(["--stage", "rm", "--policy", "p", "--data", "d", "--beta", "7", "--top_p", "0.5"])
+    with pytest.raises(SystemExit, match="--max_steps: expected >= 0, got -3"):
+        train.main(["--stage", "sft", "--policy", "p", "--data", "d", "--max_steps", "-3"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--device cuda: no CUDA device available"):
             train.main(["--stage", "sft", "--policy", str(tmp_path), "--data", "d", "--device", "cuda"])
@@ -2504,7 +2537,7 @@ def test_nan_reward_skips_the_step_names_the_prompt_and_stops_after_max_bad_step
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--stage", "remax", "--policy", root / "sft" / "final", "--reward_model", root / "rm" / "final",
             "--data", files["remax"], "--eval_data", files["eval"], "--out_dir", tmp_path / "nan", "--lr", "1e-3",
-            "--batch_size", "4", "--max_new_tokens", "6", "--max_bad_steps", "2", "--eval_every", "100", *COMMON,
+            "--batch_size", "4", "--max_new_tokens", "6", "--max_bad_steps", "2", "--eval_every", "100", *RL_ARGS,
             "--max_steps", "8"]
     p = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)

@@ -197,6 +197,10 @@ def load_model(path, cfg: Config, ctx: Dist, trainable: bool, cls=Transformer):
 def export(model, path, ctx: Dist, tokenizer: Tokenizer | None = None):
     """Gather the full weights (all ranks take part) and let rank 0 write a transformers-loadable folder."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if model.config.pad_id is None and tokenizer and tokenizer.pad_id not in (None, tokenizer.eos_id):
+        # transformers' *ForSequenceClassification scores batches only with a pad id, at the last non-pad
+        # token: the tokenizer's own pad is safe there (an EOS used as pad would move the score off the EOS).
+        model.config.pad_id = tokenizer.pad_id
     on_rank0(ctx, lambda: model.save_pretrained(path, state_dict=state,
                                                 extra_files=tokenizer.files() if tokenizer else ()))
 
@@ -365,6 +369,10 @@ class Metrics:
                 f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
+class Rank0Failed(Exception):
+    """Raised on the other ranks when rank 0 failed in on_rank0; rank 0 reports the cause itself."""
+
+
 def on_rank0(ctx: Dist, fn):
     """fn() on rank 0 only; if it fails every rank raises, so no rank is left waiting in a collective."""
     result, error = None, None
@@ -374,7 +382,7 @@ def on_rank0(ctx: Dist, fn):
         except Exception as e:          # any failure: the other ranks must not wait in a collective forever
             error = e
     if ctx.sum(float(error is not None)):
-        raise error or RuntimeError("rank 0 failed (its message is above)")
+        raise error or Rank0Failed("rank 0 failed (its message is above)")
     return result
 
 
@@ -523,7 +531,8 @@ def train_remax(cfg: Config, ctx: Dist, gold=None, reward_fn=None) -> dict:
             stats.update(loss=loss.item() * s, entropy=masked_mean(entropy, ro.response_mask))
         bad = bad + 1 if grad_norm is None else 0
         row = {**stats, **ro.stats, "grad_norm": grad_norm, "lr": lr, "skipped": grad_norm is None}
-        row = {**ctx.mean({k: float("nan") if v is None else float(v) for k, v in row.items()}), "step": step + 1}
+        row = {**ctx.mean({k: float("nan") if v is None else float(v) for k, v in row.items()}), "step": step + 1,
+               "skipped": grad_norm is None}
         if grad_norm is None:
             row["bad_prompts"] = bad_prompts(~finite, len(train_prompts), step, cfg, ctx)
             log(ctx, f"[{cfg.algo}] step {step + 1}: non-finite reward/loss/grad norm (prompts {row['bad_prompts']}), "
@@ -798,6 +807,7 @@ def train_rm(cfg: Config, ctx: Dist) -> Path:
     # The paper's step 2 starts the RM from the SFT model: written once as an RM folder, then loaded sharded.
     on_rank0(ctx, lambda: RewardModel.init_from_policy(Transformer.from_pretrained(cfg.policy)).save_pretrained(out / "init"))
     model = load_model(out / "init", cfg, ctx, trainable=True, cls=RewardModel)
+    on_rank0(ctx, lambda: shutil.rmtree(out / "init"))            # read: a full fp32 copy (~28 GB at 7B) no longer needed
     check_vocab(tok, model, "policy")
 
     def loss_fn(model, batch):
@@ -837,8 +847,9 @@ def demo(cfg: Config, ctx: Dist):
 
     The task: spell the prompt's letters in order. SFT imitates a sloppy demonstrator, the RM learns
     noisy preferences, and ReMax should raise both the RM's and the gold score of greedy answers.
-    --lr, --max_steps, --preset, --baseline, --algo and --seed given on the command line apply to step 3;
-    --out_dir and --device to all three; any other flag is an error (main), not silently ignored.
+    --lr, --max_steps, --preset, --baseline and --algo given on the command line apply to step 3; --seed
+    (data, initial model and all three stages), --out_dir and --device to everything; any other flag is an
+    error (main), not silently ignored.
     """
     root = Path(cfg.out_dir if cfg.out_dir != Config.out_dir else "out/demo")
     names = {"sft": "sft.jsonl", "rm": "preferences.jsonl", "remax": "prompts.jsonl", "eval": "eval_prompts.jsonl"}
@@ -865,7 +876,7 @@ def demo(cfg: Config, ctx: Dist):
         b, a = result["before"], result["after"]
         print("\n            RM score (greedy)   gold score (greedy)   KL to SFT")
         print(f"SFT         {b['reward_greedy']:8.3f}          {b['gold_greedy']:8.3f}              {b['kl']:.3f}")
-        print(f"ReMax       {a['reward_greedy']:8.3f}          {a['gold_greedy']:8.3f}              {a['kl']:.3f}")
+        print(f"{'PPO' if cfg.algo == 'ppo' else 'ReMax':12}{a['reward_greedy']:8.3f}          {a['gold_greedy']:8.3f}              {a['kl']:.3f}")
         print(f"\nmetrics: {root}/{{sft,rm,remax}}/metrics.jsonl; checkpoints (HF layout): {root}/{{sft,rm,remax}}/final")
     return result
 
@@ -916,16 +927,30 @@ def check_rl_flags(cfg: Config):
 
 
 DEMO_FLAGS = ("stage", "lr", "max_steps", "preset", "baseline", "algo", "seed", "out_dir", "device")
+STEP3_FLAGS = ("algo", "critic", "critic_lr", "reward_model", "reward_format", "preset", "baseline", "kl", "beta",
+               "gamma", "clip", "norm", "temperature", "top_p", "top_k", "max_new_tokens", "gold", "target_kl")
+UNUSED_FLAGS = {"sft": STEP3_FLAGS + ("eval_data", "eval_size", "eval_every"), "rm": STEP3_FLAGS, "remax": ("max_len",)}
+
+
+def unused_flags(cfg: Config) -> list[str]:
+    """Flags given (not at their default) that this stage would ignore: an error, not a silent no-op."""
+    if cfg.stage == "demo":
+        names = [f.name for f in fields(Config) if f.name not in DEMO_FLAGS]
+    else:
+        names = UNUSED_FLAGS.get(cfg.stage, ()) + (("critic", "critic_lr") if cfg.algo == "remax" else ())
+    return [f"--{n}" for n in names if getattr(cfg, n) != getattr(Config, n)]
 
 
 def main(argv=None):
     cfg = parse_args(argv)
-    if cfg.stage == "demo" and not cfg.example:
-        ignored = [f"--{f.name}" for f in fields(Config) if f.name not in DEMO_FLAGS
-                   and getattr(cfg, f.name) != getattr(Config, f.name)]
-        if ignored:
-            raise SystemExit(f"{', '.join(ignored)}: the demo takes only --{', --'.join(DEMO_FLAGS[1:])}; "
-                             "run --stage sft / rm / remax for the rest")
+    unused = [] if cfg.example else unused_flags(cfg)
+    if unused and cfg.stage == "demo":
+        raise SystemExit(f"{', '.join(unused)}: the demo takes only --{', --'.join(DEMO_FLAGS[1:])}; "
+                         "run --stage sft / rm / remax for the rest")
+    if unused:
+        raise SystemExit(f"{', '.join(unused)}: not used by --stage {cfg.stage}"
+                         + (" (--critic and --critic_lr are for --algo ppo)" if "--critic" in unused or
+                            "--critic_lr" in unused else ""))
     stages = {"demo": demo, "sft": train_sft, "rm": train_rm, "remax": train_remax}
     if cfg.stage not in stages:
         raise SystemExit(f"--stage: expected one of {', '.join(stages)}, got {cfg.stage!r}")
@@ -941,10 +966,12 @@ def main(argv=None):
         raise SystemExit(f"--preset: expected official or algorithm1, got {cfg.preset!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise SystemExit(f"--dtype: expected auto, float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.eval_size < 1:
-        raise SystemExit(f"--eval_size: expected >= 1, got {cfg.eval_size}")
-    if cfg.batch_size < 1:
-        raise SystemExit(f"--batch_size: expected >= 1, got {cfg.batch_size}")
+    ranges = [("batch_size", 1), ("eval_size", 1), ("epochs", 1), ("max_prompt_len", 1), ("max_bad_steps", 1),
+              ("max_steps", 0), ("eval_every", 0), ("save_every", 0), ("warmup_steps", 0), ("weight_decay", 0),
+              ("target_kl", 0), ("lr", 1e-30), ("critic_lr", 1e-30), ("grad_clip", 1e-30)]
+    for flag, low in ranges:
+        if not getattr(cfg, flag) >= low:             # `not >=`: NaN fails too
+            raise SystemExit(f"--{flag}: expected {'> 0' if low == 1e-30 else f'>= {low}'}, got {getattr(cfg, flag)!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise SystemExit(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -958,7 +985,7 @@ def main(argv=None):
         raise SystemExit(f"--gold: expected synthetic or nothing, got {cfg.gold!r}")
     if cfg.example and cfg.example not in ("smollm2-sentiment",):
         raise SystemExit(f"--example: expected smollm2-sentiment, got {cfg.example!r}")
-    if cfg.stage == "remax":
+    if cfg.stage in ("remax", "demo") and not cfg.example:
         check_rl_flags(cfg)
     for flag in ("policy", "reward_model", "critic", "tokenizer"):
         if getattr(cfg, flag) and not Path(getattr(cfg, flag)).is_dir():
@@ -978,13 +1005,21 @@ def main(argv=None):
                          "weights and optimizer state)") from None
     except (ValueError, OSError) as e:                       # bad input: one line, no traceback
         raise SystemExit(f"train.py: {e}") from None
+    except Rank0Failed as e:
+        raise SystemExit(f"train.py: rank {ctx.rank}: {e}") from None
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:                                  # a bad-input line (or argparse's usage / --help)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
     # Everything is written, renamed and closed. Skip interpreter teardown: PyTorch's distributed C++ threads
-    # can race it and abort a finished run ("terminate called without an active exception", pytorch#190489).
+    # can race it and abort the process ("terminate called without an active exception", pytorch#190489).
     sys.stdout.flush(), sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
