@@ -372,7 +372,7 @@ def _invert_cdf(w, noise):
 
 def _nucleus_threshold(w, bound):
     """Per row of w [R, V] (weights in [0, 1], the largest exactly 1): the smallest weight t whose
-    heavier tokens weigh <= bound, i.e. the nucleus is {w >= t}. Bisection on the float32 bit
+    heavier tokens weigh < bound, i.e. the nucleus is {w >= t}. Bisection on the float32 bit
     pattern (monotone for nonnegative floats): 30 fixed steps, no sort, no host sync."""
     lo = torch.zeros_like(bound, dtype=torch.int32)                 # weight 0.0: everything is heavier
     hi = torch.full_like(bound, 0x3F800000, dtype=torch.int32)     # weight 1.0: nothing is heavier
@@ -380,7 +380,7 @@ def _nucleus_threshold(w, bound):
         mid = lo + (hi - lo) // 2
         # sum of w over w > t; sign/clamp/mul is several times faster on CPU than where or a bool mask.
         heavier = (w - mid.view(torch.float32)).sign_().clamp_(min=0).mul_(w).sum(-1, keepdim=True)
-        ok = heavier <= bound
+        ok = heavier < bound
         lo, hi = torch.where(ok, lo, mid), torch.where(ok, mid, hi)
     return hi.view(torch.float32)
 
@@ -391,8 +391,8 @@ def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, noise=N
 
     Sampled rows draw from softmax(logits / temperature) restricted to the top_k most likely tokens
     (ties with the k-th kept) and then to the nucleus: the most likely tokens, in order, while the
-    mass before them is <= top_p (so the token that crosses top_p is kept; ties at that boundary
-    may be kept too). The draw is by inverse CDF: the token whose interval of the (float64)
+    mass before them is < top_p (transformers' TopPLogitsWarper: the token that crosses top_p is kept;
+    ties in probability at that boundary may be kept too). The draw is by inverse CDF: the token whose interval of the (float64)
     cumulative distribution holds noise * mass. noise: one U[0, 1) draw per row (from `generator`
     when not given), so a step costs one random number per row, not one per vocabulary entry.
     greedy / sampled: whether any row has temperature 0 / > 0; None checks (a host sync),
@@ -419,7 +419,7 @@ def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, noise=N
         return _finish(_invert_cdf(w, noise), argmax, is_greedy)
     bound = top_p * w.sum(-1, keepdim=True, dtype=torch.float64)
     vals, ids = w.topk(min(NUCLEUS_K, V), dim=-1)
-    keep = vals.cumsum(-1, dtype=torch.float64) - vals <= bound
+    keep = vals.cumsum(-1, dtype=torch.float64) - vals < bound
     tok = ids.gather(-1, _invert_cdf(vals.masked_fill(~keep, 0.0), noise)[:, None])[:, 0]
     if NUCLEUS_K < V:
         longer = keep[:, -1]  # the NUCLEUS_K-th token is still inside: the nucleus may go on

@@ -222,6 +222,48 @@ def test_logits_match_transformers(tmp_path, case):
     torch.testing.assert_close(again[mask], want[mask], atol=1e-4, rtol=1e-4)
 
 
+def test_generate_draws_each_step_by_inverse_cdf_of_its_own_uniform_at_each_rows_temperature():
+    """Independent replay: uncached forward, float64 softmax at the row's temperature, and the step's own
+    uniform from the documented [max_new_tokens, n, rows] draw; temperature 0 is the argmax."""
+    model = _model_tiny()
+    model.init_weights(std=0.5, generator=torch.Generator().manual_seed(1))     # peaked enough to tell T apart
+    prompt, mask = _model_left_padded([[5, 6, 7], [8, 9], [10, 11, 12, 13]])
+    temps, N = torch.tensor([0.5, 1.3, 0.0]), 6
+    out, _ = generate(model, prompt, mask, N, temperature=temps, stop_ids=[], generator=torch.Generator().manual_seed(5))
+    noise = torch.rand(N, 1, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)[:, 0]
+    for b in range(3):
+        seq = prompt[b][mask[b]].tolist()
+        for i in range(N):
+            with torch.no_grad():
+                logits = model(torch.tensor([seq]))[0, -1].double()
+            if temps[b] == 0:
+                want = int(logits.argmax())
+            else:
+                cdf = torch.softmax(logits / temps[b], -1).cumsum(-1)
+                want = int(torch.searchsorted(cdf, noise[i, b] * cdf[-1], right=True))
+            assert int(out[b, i]) == want, (b, i)
+            seq.append(want)
+
+
+def test_greedy_generate_with_sliding_window_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(_model_hf_config("mistral", sliding_window=4)).eval()
+    with torch.no_grad():                                   # larger weights: greedy paths that depend on the window
+        for p in hf.parameters():
+            p.mul_(15) if p.dim() > 1 else None
+    hf.save_pretrained(tmp_path / "hf")
+    ours = Transformer.from_pretrained(tmp_path / "hf").eval()
+    prompt, mask = _model_left_padded([[5, 6, 7, 8, 9, 10, 11], [12, 13]])
+    out, _ = generate(ours, prompt, mask, 14, temperature=0.0, stop_ids=[])      # KV cache far past the window
+    want = hf.generate(prompt, attention_mask=mask.long(), do_sample=False, max_new_tokens=14, min_new_tokens=14,
+                       pad_token_id=0, eos_token_id=None)[:, prompt.shape[1]:]
+    assert torch.equal(out, want)
+    blind = Transformer.from_pretrained(tmp_path / "hf").eval()
+    blind.config.sliding_window = None                      # the window must matter for this check to mean anything
+    assert not torch.equal(generate(blind, prompt, mask, 14, temperature=0.0, stop_ids=[])[0], want)
+
+
 def test_cached_decoding_matches_full_forward_with_sliding_window():
     model = _model_tiny(model_type="mistral", sliding_window=4)
     prompt, mask = _model_left_padded([[5, 6, 7, 8, 9, 10], [11, 12]])
@@ -1613,6 +1655,15 @@ def _remax_rollout(baseline="greedy", seed=0, **kw):
                    generator=torch.Generator().manual_seed(seed), **kw)
 
 
+def test_rollout_samples_with_the_top_p_and_top_k_it_is_given():
+    # A nucleus (or top-k) of one token is the argmax: every sampled response is the greedy one.
+    assert _remax_rollout(top_p=1e-6).stats["sample_eq_greedy"] == 1.0
+    assert _remax_rollout(top_k=1).stats["sample_eq_greedy"] == 1.0
+    assert _remax_rollout(top_p=1.0).stats["sample_eq_greedy"] < 1.0
+    ro = _remax_rollout(baseline="rloo", top_p=1e-6)      # two samples, both the argmax path: always equal
+    assert ro.stats["samples_equal"] == 1.0 and _remax_rollout(baseline="rloo").stats["samples_equal"] < 1.0
+
+
 def test_rollout_greedy_baseline_is_greedy_decoding_alone():
     ro = _remax_rollout()
     prompt, pmask = _remax_prompts()
@@ -2140,6 +2191,18 @@ def test_evaluation_samples_as_training_does(task, tmp_path):
     rows = _rows(tmp_path / "k1" / "metrics.jsonl")
     assert rows[1]["sample_eq_greedy"] == 1.0
     assert rows[0]["eval/reward_sampled"] == rows[0]["eval/reward_greedy"]
+
+
+@pytest.mark.parametrize("baseline", ["rloo", "none"])
+def test_remax_stage_runs_the_rloo_and_reinforce_baselines(task, tmp_path, baseline):
+    root, files = task
+    _remax(root, files, tmp_path / baseline, "--max_steps", "2", "--baseline", baseline)
+    rows = _rows(tmp_path / baseline / "metrics.jsonl")[1:]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 and not r["skipped"] for r in rows)
+    if baseline == "none":
+        assert all(r["baseline_mean"] == 0.0 and r["advantage_mean"] == r["reward_mean"] for r in rows)
+    else:                                                    # the other sample's reward: means agree, rows do not
+        assert all(r["baseline_mean"] == pytest.approx(r["reward_mean"]) and 0 <= r["samples_equal"] <= 1 for r in rows)
 
 
 def test_sft_and_rm_name_the_flags_when_data_is_too_small(task, tmp_path):
@@ -2683,7 +2746,7 @@ def _reference_probs(logits, temperature, top_p=1.0, top_k=0):
         before = sp.cumsum(-1) - sp
         # Keep away from the boundary, where float rounding (not the rule) would decide.
         assert ((before - top_p * sp.sum(-1, keepdim=True)).abs() > 1e-6).all()
-        sp = sp.masked_fill(before > top_p * sp.sum(-1, keepdim=True), 0.0)
+        sp = sp.masked_fill(before >= top_p * sp.sum(-1, keepdim=True), 0.0)
         p = torch.zeros_like(p).scatter(-1, idx, sp)
     return p / p.sum(-1, keepdim=True)
 
@@ -2711,12 +2774,25 @@ def test_sampler_distribution_is_filtered_softmax_exactly(monkeypatch, nucleus_k
 
 def test_sampler_keeps_the_crossing_token_and_top_k_ties():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    # Mass before token 1 is 0.5 <= 0.6: kept although it crosses 0.6; token 2 (0.8 before it) is not.
+    # Mass before token 1 is 0.5 < 0.6: kept although it crosses 0.6; token 2 (0.8 before it) is not.
     torch.testing.assert_close(_grid_frequencies(logits, 1.0, top_p=0.6), torch.tensor([0.625, 0.375, 0, 0]).double(),
                                atol=1e-4, rtol=0)
     tied = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     torch.testing.assert_close(_grid_frequencies(tied, 1.0, top_k=2), torch.tensor([1 / 3, 1 / 3, 1 / 3, 0]).double(),
                                atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("nucleus_k", [256, 1])      # 1: the threshold bisection path
+def test_top_p_boundary_is_transformers_rule(monkeypatch, nucleus_k):
+    """Dyadic probabilities put the mass before a token exactly at top_p: transformers drops that token."""
+    monkeypatch.setattr(M, "NUCLEUS_K", nucleus_k)
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    for top_p, want in ((0.5, [1.0, 0, 0, 0]), (0.75, [2 / 3, 1 / 3, 0, 0]), (0.7, [2 / 3, 1 / 3, 0, 0])):
+        torch.testing.assert_close(_grid_frequencies(logits, 1.0, top_p=top_p), torch.tensor(want).double(),
+                                   atol=1e-4, rtol=0)
+        transformers = pytest.importorskip("transformers")
+        kept = transformers.TopPLogitsWarper(top_p)(None, logits.clone()) > -math.inf
+        assert kept[0].tolist() == [w > 0 for w in want]
 
 
 def test_inverse_cdf_on_a_large_vocabulary_hits_the_float64_intervals():
@@ -2862,7 +2938,6 @@ def _convert_chat_ids(tok, messages):
     return ids[0]
 
 
-@needs_smollm2
 def test_convert_bad_input_is_one_line_naming_the_file(tmp_path):
     pytest.importorskip("gguf")
     for src, expected in ((tmp_path / "missing.gguf", "missing.gguf: GGUF file not found"),
@@ -2873,6 +2948,7 @@ def test_convert_bad_input_is_one_line_naming_the_file(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+@needs_smollm2
 def test_convert_smollm2_is_cached_and_matches_transformers(smollm2):
     # Same logits as transformers on the converted folder, same chat-template prompt ids as its tokenizer.
     transformers = pytest.importorskip("transformers")
