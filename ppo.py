@@ -29,9 +29,12 @@ Deviations from DS-Chat, each for a reason:
 
 The loss half (up to `Critic`) needs nothing but torch.
 """
+from contextlib import nullcontext
+
 import torch
 
 from model import positions_from_mask, response_logprobs
+from remax import rollout
 from reward import RewardModel
 
 
@@ -53,7 +56,9 @@ def kl_shaped_rewards(score, logp_old, logp_ref, mask, kl_ctl=0.1, clip=5.0):
     m = _check_mask(mask, "kl_shaped_rewards: mask")
     r = torch.where(m, -kl_ctl * (logp_old.float() - logp_ref.float()), 0.0)
     last = m.sum(-1, keepdim=True) - 1
-    s = score.float() if clip is None else score.float().clamp(-clip, clip)
+    s = score.float()
+    if clip is not None:                # a non-finite score stays non-finite (the step is skipped), never +-clip
+        s = torch.where(s.isfinite(), s.clamp(-clip, clip), torch.nan)
     return r.scatter_add(1, last, s[:, None])
 
 
@@ -151,24 +156,25 @@ def experience(critic, ref, prompt, prompt_mask, response, response_mask):
     return logp_ref, response_values(critic, prompt, prompt_mask, response, m)
 
 
-def _update(model, opt, loss):
+def _update(model, opt, loss, token_mask=None):
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return norm.item()
+    return norm.item(), loss.item()
 
 
 def ppo_step(policy, critic, ref, prompt, prompt_mask, response, response_mask, score, *, opt_policy, opt_critic,
              update=_update, kl_ctl=0.1, clip_reward=5.0, gamma=1.0, lam=0.95, clip=0.2, clip_value=0.2,
-             logp_ref=None, values_old=None) -> dict:
+             logp_ref=None, values_old=None) -> tuple[dict, dict]:
     """One PPO iteration on one rollout (DS-Chat `generate_experience` + `train_rlhf`): actor step, then critic step.
 
     response / response_mask: one sampled response per prompt (first EOS included); score [B]: r(x, a).
-    update(model, opt, loss) -> grad norm | None backpropagates and steps (the caller's clipping, loss
-    scaling over ranks and non-finite skipping); the default just steps. logp_ref / values_old [B, N]:
-    `experience(critic, ref, ...)` when the caller computed it already (bench.py times it apart);
-    computed here otherwise (`ref` is then not used). Returns logging stats.
+    update(model, opt, loss, token_mask) -> (grad norm | None, loss value) backpropagates and steps (the
+    caller's clipping, loss scaling over ranks and non-finite skipping); the default just steps.
+    logp_ref / values_old [B, N]: `experience(critic, ref, ...)` when the caller computed it already (bench.py times it apart);
+    computed here otherwise (`ref` is then not used). Returns (stats, per-response sums for statistics
+    over ranks: reward, kl, length, entropy).
     """
     m = _check_mask(response_mask, "ppo_step: response_mask")
     if (logp_ref is None) != (values_old is None):
@@ -180,16 +186,30 @@ def ppo_step(policy, critic, ref, prompt, prompt_mask, response, response_mask, 
     rewards = kl_shaped_rewards(score, logp_old, logp_ref, m, kl_ctl, clip_reward)
     advantages, returns = gae(rewards, values_old, m, gamma, lam)
     policy_loss, policy_stats = ppo_policy_loss(logp, logp_old, advantages, m, clip)
-    grad_norm = update(policy, opt_policy, policy_loss)
+    grad_norm, policy_loss_value = update(policy, opt_policy, policy_loss, m)
     # The actor's graph is freed before the critic's forward, as DS-Chat's order keeps peak memory down.
     values = response_values(critic, prompt, prompt_mask, response, m)
     value_loss, value_stats = ppo_value_loss(values, values_old, returns, m, clip_value)
-    critic_grad_norm = update(critic, opt_critic, value_loss)
+    critic_grad_norm, value_loss_value = update(critic, opt_critic, value_loss, m)
     k1 = torch.where(m, logp_old - logp_ref.float(), 0.0)
     lengths = m.sum(-1).float()
-    return {"loss": policy_loss.item(), **policy_stats, **value_stats, "reward_mean": score.float().mean().item(),
+    rows = {"reward": score, "kl": k1.double().sum(-1), "length": m.sum(-1),
+            "entropy": torch.where(m, entropy.detach().double(), 0.0).sum(-1)}
+    return {**policy_stats, **value_stats, "loss": policy_loss_value, "value_loss": value_loss_value,
+            "reward_mean": score.float().mean().item(),
             "reward_std": score.float().std(correction=0).item(), "kl": k1.sum(-1).mean().item(),
             "kl_token": (k1.sum() / lengths.sum()).item(), "length": lengths.mean().item(),
             "advantage_mean": _masked_mean(advantages, m).item(), "value_mean": _masked_mean(values_old, m).item(),
             "return_mean": _masked_mean(returns, m).item(), "entropy": _masked_mean(entropy, m).item(),
-            "grad_norm": grad_norm, "critic_grad_norm": critic_grad_norm}
+            "grad_norm": grad_norm, "critic_grad_norm": critic_grad_norm}, rows
+
+
+def ppo_iteration(policy, ref, reward_fn, prompt, prompt_mask, optimizer, update, *, critic, critic_optimizer,
+                  kl_ctl=0.1, gather=nullcontext, **sampling) -> tuple[dict, dict]:
+    """One PPO iteration with remax.remax_step's call shape: one sampled response per prompt, its score,
+    then `ppo_step` (actor step, critic step). Returns (stats, per-response sums for statistics over ranks)."""
+    with gather(policy) as decoder:
+        ro = rollout(decoder, prompt, prompt_mask, reward_fn, baseline="none", **sampling)
+    stats, rows = ppo_step(policy, critic, ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask, ro.reward,
+                           opt_policy=optimizer, opt_critic=critic_optimizer, update=update, kl_ctl=kl_ctl)
+    return {**stats, **ro.stats}, rows

@@ -1,11 +1,11 @@
 """ReMax (Li et al., ICML 2024): REINFORCE whose baseline is the reward of the policy's own greedy response.
 
-Algorithm 1, line by line, and where each line lives:
+`remax_step` is Algorithm 1, lines 3-7, for one batch of prompts, each line numbered in a comment:
 
     y     = policy.generate(x, do_sample=True)     line 3   rollout: row b of one `generate` call, n=2
     y_max = policy.generate(x, do_sample=False)    line 4   rollout: row B+b, same prefill, temperature 0
     adv   = RM(x, y) - RM(x, y_max)                line 5   rollout scores both in one batch; token_weights
-    logp  = policy.log_prob(x, y)                  line 6   model.response_logprobs (the caller, with grad)
+    logp  = policy.log_prob(x, y)                  line 6   model.response_logprobs, with grad
     loss  = -mean_i(sum_t logp * adv); step        line 7   remax_loss (ALGORITHM_1), then the optimizer
 
 The estimator (Algorithm 1):  g = 1/N sum_i sum_t grad log pi(a_t^i | x^i, a_<t^i) * (r(x^i, a^i) - r(x^i, a_bar^i)).
@@ -18,11 +18,12 @@ response (EOS only) is trained on as sampled. With kl="none", beta is unused.
 
 The loss half of this file (up to `Rollout`) needs nothing but torch: copy it as is.
 """
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from model import generate
+from model import generate, response_logprobs
 
 KL_MODES = ("none", "k1_onestep", "k1_to_go")
 NORMS = ("seq_sum", "token_mean")
@@ -32,6 +33,25 @@ ALGORITHM_1 = dict(kl="none", beta=0.0, gamma=1.0, clip=None, norm="seq_sum")
 # Official OPT-1.3B / Llama-2-7B scripts: kl_ctl 0.05, gamma 0.99, the hard-coded clip 5, loss / mask.sum();
 # they sample with rollout(top_p=0.9, temperature=1.0).
 OFFICIAL = dict(kl="k1_onestep", beta=0.05, gamma=0.99, clip=5.0, norm="token_mean")
+PRESETS = {"official": OFFICIAL, "algorithm1": ALGORITHM_1}
+# The official scripts sample at top-p 0.9; Algorithm 1's estimator is unbiased only at top-p 1.
+PRESET_TOP_P = {"official": 0.9, "algorithm1": 1.0}
+
+
+def preset_options(preset: str, *, kl=None, beta=None, gamma=None, clip=None, norm=None) -> dict:
+    """The preset's remax_loss options with the given ones (not None) on top. A preset's beta belongs to its
+    own KL mode: kl="none" drops it, and a KL mode left with beta 0 (algorithm1 has none) is an error."""
+    given = dict(kl=kl, beta=beta, gamma=gamma, clip=clip, norm=norm)
+    opts = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
+    if kl == "none" and beta is None:
+        opts["beta"] = 0.0
+    if opts["kl"] == "none" and opts["beta"]:
+        raise ValueError(f"--beta {opts['beta']} has no effect with --kl none: add --kl k1_onestep or k1_to_go, "
+                         "or drop --beta")
+    if opts["kl"] != "none" and not opts["beta"]:
+        raise ValueError(f"--kl {opts['kl']} with beta 0 (--preset {preset}) is no penalty: add --beta, "
+                         "e.g. 0.05 (official), or use --kl none")
+    return opts
 
 
 def _reverse_cumsum(x):
@@ -49,15 +69,16 @@ def token_weights(old_logprobs, ref_logprobs, reward, baseline, mask, *, kl="non
         "k1_to_go"    -beta * sum_{s >= t} k1_s     verl / OpenRLHF: KL in the reward, reward-to-go
     gamma discounts the reward difference only, in every mode, as the official code does: the last token
     gets gamma * (r - b), the first gamma^L * (r - b). gamma = 1 and beta = 0 give Algorithm 1.
-    The clip acts on the difference (not on r and b), so adding c(x) to both leaves w unchanged.
+    The clip acts on the difference (not on r and b), so adding c(x) to both leaves w unchanged; an infinite
+    difference is not clipped but gives NaN weights, so the caller skips the step instead of training on it.
     """
     _check_options("token_weights", kl, beta, gamma, clip)
     m = mask.bool()
     dtype = torch.promote_types(old_logprobs.dtype, torch.float32)
     with torch.no_grad():
         delta = (reward - baseline).to(dtype)
-        if clip is not None:
-            delta = delta.clamp(-clip, clip)
+        if clip is not None:       # a non-finite reward stays non-finite (the step is skipped), never a +-c signal
+            delta = torch.where(delta.isfinite(), delta.clamp(-clip, clip), torch.nan)
         w = gamma ** _reverse_cumsum(m).to(dtype) * delta[:, None]
         # where, not *: values at masked positions are arbitrary (even inf) and must not leak in.
         k1 = torch.where(m, old_logprobs.to(dtype) - ref_logprobs.to(dtype), 0.0)
@@ -220,3 +241,35 @@ def rollout(policy, prompt, prompt_mask, reward_fn, *, baseline="greedy", max_ne
                        greedy, greedy_mask, stats)
     base = torch.zeros_like(rewards) if baseline == "none" else torch.cat([rewards[B:], rewards[:B]])
     return Rollout(prompts, prompt_masks, response, response_mask, rewards, base, None, None, stats)
+
+
+def per_response(ro: Rollout, logp, ref_logp, entropy) -> dict:
+    """Per-response sums, for statistics over the global batch: a mean over ranks of each rank's std or
+    token mean is not the std or token mean of the whole batch."""
+    m = ro.response_mask
+    k1 = torch.where(m, logp.detach().double() - ref_logp.double(), 0.0)
+    return {"reward": ro.reward, "baseline": ro.baseline, "kl": k1.sum(-1), "length": m.sum(-1),
+            "entropy": torch.where(m, entropy.double(), 0.0).sum(-1)}
+
+
+def remax_step(policy, ref, reward_fn, prompt, prompt_mask, optimizer, update, *, loss_opts, baseline="greedy",
+               gather=nullcontext, **sampling) -> tuple[dict, dict]:
+    """One ReMax iteration on prompts x (left-padded [B, P]): Algorithm 1, lines 3-7, one optimizer step.
+
+    update(model, optimizer, loss, token_mask) -> (grad norm | None if skipped, loss value): backward, clip
+    and step (train.py's rescales a token mean to the global batch and skips a non-finite loss on every
+    rank). gather(policy) holds the weights unsharded while decoding (fsdp.gathered). sampling: rollout's
+    max_new_tokens, temperature, top_p, top_k, pad_id, generator, row_offset, total_rows.
+    Returns (stats, per-response sums for statistics over ranks).
+    """
+    with gather(policy) as decoder:                                                          # lines 3-5
+        ro = rollout(decoder, prompt, prompt_mask, reward_fn, baseline=baseline, **sampling)
+    x, x_mask, y, y_mask = ro.prompt, ro.prompt_mask, ro.response, ro.response_mask
+    with torch.no_grad():
+        ref_logp, _ = response_logprobs(ref, x, x_mask, y, y_mask)                          # for the KL term
+    logp, entropy = response_logprobs(policy, x, x_mask, y, y_mask)                         # line 6
+    # pi_old = pi_theta: one step per batch of fresh samples, so the sampling-time log-probs are these.
+    loss, stats = remax_loss(logp, logp.detach(), ref_logp, ro.reward, ro.baseline, y_mask, **loss_opts)
+    token_mask = y_mask if loss_opts["norm"] == "token_mean" else None
+    stats["grad_norm"], stats["loss"] = update(policy, optimizer, loss, token_mask)          # line 7
+    return {**stats, **ro.stats}, per_response(ro, logp, ref_logp, entropy)

@@ -252,6 +252,21 @@ class TextReward:
         self.fn, self.tokenizer = fn, tokenizer
         self.stop_ids = _stop_ids(tokenizer, stop_ids)
 
+    @classmethod
+    def from_file(cls, spec: str, tokenizer, stop_ids: list[int] | None = None) -> "TextReward":
+        """spec "path/to/file.py:function", the function (prompts: list[str], responses: list[str]) -> list[float]
+        (the shape of verl's custom reward function and TRL's reward_funcs). The file runs as Python: your own code."""
+        import importlib.util
+        path, _, name = spec.rpartition(":")
+        if not path or not Path(path).is_file():
+            raise ValueError(f"--reward_fn {spec}: expected an existing path/to/file.py:function")
+        module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        if not callable(getattr(module, name, None)):
+            raise ValueError(f"--reward_fn {spec}: {path} defines no function {name!r}")
+        return cls(getattr(module, name), tokenizer, stop_ids)
+
     @torch.no_grad()
     def __call__(self, prompt, prompt_mask, response, response_mask):
         prompts, responses, _ = decode_rows(self.tokenizer, prompt, prompt_mask, response, response_mask,

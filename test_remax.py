@@ -1585,7 +1585,7 @@ def test_exact_kl_matches_hand_computation():
 
 def test_eval_exact_kl_in_row_chunks_equals_exact_kl_on_the_whole_batch():
     import types
-    import train
+    import evaluate
     policy, ref = _reward_policy(), _reward_policy(vocab_size=48).init_weights(
         std=0.1, generator=torch.Generator().manual_seed(3))
     prompt = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
@@ -1599,36 +1599,50 @@ def test_eval_exact_kl_in_row_chunks_equals_exact_kl_on_the_whole_batch():
         want = exact_kl(policy(tokens, pos, joint)[:, 3:-1], ref(tokens, pos, joint)[:, 3:-1], rmask).item()
     assert want > 0
     for budget in (1, 2 * 9 * 48, 2**24):                                   # 1 row, 2 rows, all rows at once
-        got = train.exact_kl_over_ranks(policy, ref, prompt, pmask, resp, rmask, one, budget=budget)
+        got = evaluate.exact_kl_over_ranks(policy, ref, prompt, pmask, resp, rmask, one, budget=budget)
         assert got == pytest.approx(want, rel=1e-12)
-    assert train.exact_kl_over_ranks(policy, policy, prompt, pmask, resp, rmask, one) == 0.0
+    assert evaluate.exact_kl_over_ranks(policy, policy, prompt, pmask, resp, rmask, one) == 0.0
 
 
 def test_presets_choose_sampling_and_refuse_a_silent_beta():
     import train
-    base = ["--stage", "remax"]
-    assert train.sampling_top_p(train.parse_args(base)) == 0.9                          # official scripts
-    assert train.sampling_top_p(train.parse_args(base + ["--preset", "algorithm1"])) == 1.0   # unbiased
-    assert train.sampling_top_p(train.parse_args(base + ["--preset", "algorithm1", "--top_p", "0.5"])) == 0.5
-    assert train.remax_options(train.parse_args(base + ["--preset", "algorithm1"]))["beta"] == 0.0
+    from remax import PRESET_TOP_P, preset_options
+    assert PRESET_TOP_P == {"official": 0.9, "algorithm1": 1.0}             # official scripts; unbiased at 1
+    assert preset_options("algorithm1")["beta"] == 0.0
     with pytest.raises(ValueError, match="--beta 0.05 has no effect with --kl none"):
-        train.remax_options(train.parse_args(base + ["--preset", "algorithm1", "--beta", "0.05"]))
-    opts = train.remax_options(train.parse_args(base + ["--preset", "algorithm1", "--beta", "0.05", "--kl", "k1_to_go"]))
+        preset_options("algorithm1", beta=0.05)
+    opts = preset_options("algorithm1", beta=0.05, kl="k1_to_go")
     assert opts["kl"] == "k1_to_go" and opts["beta"] == 0.05
     # A preset's beta belongs to its KL mode: --kl none drops the official 0.05; a KL mode needs a beta.
-    assert train.remax_options(train.parse_args(base + ["--kl", "none"]))["beta"] == 0.0
+    assert preset_options("official", kl="none")["beta"] == 0.0
     with pytest.raises(ValueError, match="--kl k1_onestep with beta 0 .--preset algorithm1. is no penalty"):
-        train.remax_options(train.parse_args(base + ["--preset", "algorithm1", "--kl", "k1_onestep"]))
-    train.check_rl_flags(train.parse_args(base + ["--algo", "ppo", "--preset", "algorithm1", "--beta", "0.1"]))
-    for flags, message in [(["--baseline", "greedyy"], "--baseline: expected one of greedy, none, rloo"),
-                           (["--kl", "k2"], "--kl: expected one of none, k1_onestep, k1_to_go"),
+        preset_options("algorithm1", kl="k1_onestep")
+    base = ["--stage", "remax", "--policy", "p", "--data", "d", "--reward_model", "r"]
+    with pytest.raises(SystemExit, match="--policy p: folder not found"):    # every flag below passed validation
+        train.validate(train.parse_args(base + ["--algo", "ppo", "--preset", "algorithm1", "--beta", "0.1"]))
+    for flags, message in [(["--baseline", "greedyy"], "--baseline: expected greedy, none or rloo"),
+                           (["--kl", "k2"], "--kl: expected none, k1_onestep or k1_to_go"),
                            (["--temperature", "-1"], "--temperature: expected >= 0"),
                            (["--gamma", "nan"], "--gamma: expected in .0, 1]"),
                            (["--top_k", "-2"], "--top_k: expected >= 0"),
+                           (["--lr", "-1e-4"], r"--lr: expected > 0, got -0.0001"),    # a number, not a flag
                            (["--algo", "ppo", "--baseline", "none"], "--baseline: ReMax loss options"),
-                           (["--algo", "ppo", "--reward_format", "ultrarm"], "add --critic")]:
+                           (["--algo", "ppo", "--reward_format", "ultrarm"], "add --critic"),
+                           (["--reward_fn", "f.py:g"], "--reward_model, --reward_fn: give exactly one"),
+                           (["--preset", "algorithm1", "--kl", "k1_onestep"], "is no penalty: add --beta")]:
         with pytest.raises(SystemExit, match=message):
-            train.check_rl_flags(train.parse_args(base + flags))
+            train.validate(train.parse_args(base + flags))
+    with pytest.raises(SystemExit):                                   # abbreviations are refused, not guessed
+        train.parse_args(base + ["--temp", "0.5"])
+    assert train.parse_args(base + ["--beta", "-.5"]).beta == -0.5
+
+
+def test_help_documents_every_flag():
+    import train
+    p = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    text = " ".join(p.stdout.split())
+    for f in train.fields(train.Config):
+        assert f"--{f.name}" in text and " ".join(f.metadata["help"].split()) in text, f.name
 
 
 # --------------------------------------------------------------------------- rollout on a tiny random transformer
@@ -1967,14 +1981,16 @@ def test_ppo_steps_end_to_end():
     g = torch.Generator().manual_seed(3)
     calls = []
 
-    def update(model, opt, loss):
+    def update(model, opt, loss, token_mask=None):
         calls.append(model)
         return ppo._update(model, opt, loss)
 
     for step in range(3):
         ro = remax.rollout(policy, prompt, prompt_mask, reward_fn, baseline="none", max_new_tokens=6, generator=g)
-        stats = ppo.ppo_step(policy, critic, ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask,
-                             ro.reward, opt_policy=opt_p, opt_critic=opt_c, update=update)
+        stats, rows = ppo.ppo_step(policy, critic, ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask,
+                                   ro.reward, opt_policy=opt_p, opt_critic=opt_c, update=update)
+        assert rows["kl"].sum().item() / rows["length"].sum().item() == pytest.approx(stats["kl_token"], abs=1e-6)
+        assert torch.equal(rows["reward"], ro.reward)
         for k in ("loss", "policy_loss", "value_loss", "kl", "grad_norm", "critic_grad_norm", "advantage_mean",
                   "return_mean", "entropy", "approx_kl", "ratio_clip_frac", "value_clip_frac", "length"):
             assert math.isfinite(stats[k]), (step, k, stats[k])
@@ -2010,9 +2026,9 @@ def test_ppo_step_pad_tokens_do_not_matter_and_precomputed_experience():
         if variant == 2:
             kw = dict(zip(("logp_ref", "values_old"), ppo.experience(critic, ref, prompt, prompt_mask, resp, response_mask)))
         p0 = [p.detach().clone() for p in list(policy.parameters()) + list(critic.parameters())]
-        stats = ppo.ppo_step(policy, critic, ref, prompt, prompt_mask, resp, response_mask, score,
-                             opt_policy=torch.optim.SGD(policy.parameters(), lr=1.0),
-                             opt_critic=torch.optim.SGD(critic.parameters(), lr=1.0), **kw)
+        stats, _ = ppo.ppo_step(policy, critic, ref, prompt, prompt_mask, resp, response_mask, score,
+                                opt_policy=torch.optim.SGD(policy.parameters(), lr=1.0),
+                                opt_critic=torch.optim.SGD(critic.parameters(), lr=1.0), **kw)
         deltas.append(([p.detach() - q for p, q in zip(list(policy.parameters()) + list(critic.parameters()), p0)], stats))
     for d, s in deltas[1:]:
         for a, b in zip(deltas[0][0], d):
@@ -2211,7 +2227,7 @@ def test_sft_and_rm_name_the_flags_when_data_is_too_small(task, tmp_path):
     p = _train("--stage", "rm", "--data", files["rm"], "--out_dir", tmp_path / "rm", *base, "--eval_size", "60",
                check=False)
     assert p.returncode == 1 and p.stderr.strip() == (
-        f"train.py: --data {files['rm']}: 4 rm examples left after holding out --eval_size 60 for evaluation "
+        f"train.py: --data {files['rm']}: 4 pairs left after holding out --eval_size 60 for evaluation "
         "are fewer than one batch (--batch_size 8)")
     p = _train("--stage", "sft", "--data", _text(tmp_path / "few.jsonl", '{"prompt": "ab", "response": "ab"}\n' * 3),
                "--out_dir", tmp_path / "sft", *base, check=False)
@@ -2309,21 +2325,20 @@ def test_target_kl_stops_at_the_first_evaluation_past_it(task, tmp_path):
 KL_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {repo!r})
-import train
+import evaluate, fsdp
 from remax import exact_kl
 from model import Transformer, positions_from_mask
-ctx = train.Dist("cpu")
-cfg = train.parse_args(["--device", "cpu"])
-policy = train.load_model({path!r}, cfg, ctx, trainable=False)
+ctx = fsdp.Dist("cpu")
+policy = fsdp.load_model({path!r}, ctx, torch.float32, trainable=False)
 other = Transformer.from_pretrained({path!r}).init_weights(generator=torch.Generator().manual_seed(5))
 other.save_pretrained({other!r}) if ctx.rank == 0 else None
 torch.distributed.barrier()
-ref = train.load_model({other!r}, cfg, ctx, trainable=False)
+ref = fsdp.load_model({other!r}, ctx, torch.float32, trainable=False)
 g = torch.Generator().manual_seed(0)
 P, N = (3, 4) if ctx.rank == 0 else (9, 8)              # ranks pad to different lengths
 prompt, resp = torch.randint(3, 60, (2, P), generator=g), torch.randint(3, 60, (2, N), generator=g)
 pmask, rmask = torch.ones(2, P, dtype=torch.bool), torch.ones(2, N, dtype=torch.bool)
-got = train.exact_kl_over_ranks(policy, ref, prompt, pmask, resp, rmask, ctx, budget=2 * 10 * 64)
+got = evaluate.exact_kl_over_ranks(policy, ref, prompt, pmask, resp, rmask, ctx, budget=2 * 10 * 64)
 open({other!r} + f".rank{{ctx.rank}}", "w").write(repr(got))
 torch.distributed.destroy_process_group()
 """
@@ -2495,9 +2510,10 @@ def test_bad_inputs_fail_with_one_clear_line_and_leave_nothing_half_written(task
 def test_sft_needs_room_for_a_response_and_tokenizer_must_fit_the_embedding(tmp_path):
     import types
     import train
-    with pytest.raises(SystemExit, match="--beta, --batch_size: the demo takes only --lr, --max_steps"):
+    with pytest.raises(SystemExit, match="--beta, --batch_size: the demo takes only --stage, --algo, --out_dir, --preset, "
+                                         "--baseline, --lr, --max_steps, --seed, --device; run"):
         train.main(["--beta", "0.5", "--batch_size", "16", "--max_steps", "3"])   # would be ignored by the demo
-    with pytest.raises(SystemExit, match="--baseline: expected one of greedy, none, rloo"):
+    with pytest.raises(SystemExit, match="--baseline: expected greedy, none or rloo"):
         train.main(["--baseline", "foo"])                                          # before the demo trains anything
     with pytest.raises(SystemExit, match="--eval_data, --eval_every: not used by --stage sft"):
         train.main(["--stage", "sft", "--policy", "p", "--data", "d", "--eval_data", "e.jsonl", "--eval_every", "1"])
@@ -2511,10 +2527,16 @@ def test_sft_needs_room_for_a_response_and_tokenizer_must_fit_the_embedding(tmp_
     with pytest.raises(SystemExit, match="--max_len 16 must exceed --max_prompt_len 16"):
         train.main(["--stage", "sft", "--policy", "p", "--data", "d", "--max_len", "16", "--max_prompt_len", "16"])
     tok = Tokenizer(data.write_char_tokenizer(tmp_path / "tok"))
-    small = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=tok.vocab_size - 1))
-    with pytest.raises(ValueError, match=f"--reward_model: the model has {tok.vocab_size - 1} embeddings"):
-        train.check_vocab(tok, small, "reward_model")
-    train.check_vocab(tok, types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=tok.vocab_size)), "policy")
+    cpu = types.SimpleNamespace(device=torch.device("cpu"))
+    for vocab in (tok.vocab_size - 1, tok.vocab_size):
+        model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=vocab))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train.fsdp, "load_model", lambda *a, **k: model)
+            if vocab < tok.vocab_size:
+                with pytest.raises(ValueError, match=f"--reward_model: the model has {vocab} embeddings"):
+                    train.load("rm", train.Config(), cpu, False, tok=tok, flag="reward_model")
+            else:
+                assert train.load("p", train.Config(), cpu, True, tok=tok) is model
 
 
 def test_generation_config_eos_ids_stop_generation_and_must_include_the_tokenizers_eos(tmp_path):
@@ -2523,12 +2545,13 @@ def test_generation_config_eos_ids_stop_generation_and_must_include_the_tokenize
     cfg = ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32, eos_id=5, pad_id=0)
     Transformer(cfg).init_weights(generator=torch.Generator().manual_seed(0)).save_pretrained(tmp_path / "m")
     tok = Tokenizer(data.write_char_tokenizer(tmp_path / "m"))                   # its eos is 2, config.json's 5
+    cfg = train.Config(stage="sft", policy=str(tmp_path / "m"))
     with pytest.raises(ValueError, match=r"the tokenizer's eos token 2 is not among the model's stop ids \[5\]"):
-        train.check_stop(tok, tmp_path / "m", "policy")
+        train.tokenizer(cfg)
     # Llama-3-Instruct's layout: <|eot_id|> is a stop id only in generation_config.json, as transformers reads it.
     (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 2]}))
     assert read_config(tmp_path / "m").stop_ids == [5, 2]
-    train.check_stop(tok, tmp_path / "m", "policy")
+    assert train.tokenizer(cfg).eos_id == 2
     model = Transformer.from_pretrained(tmp_path / "m")
     assert model.config.stop_ids == [5, 2]
     transformers = pytest.importorskip("transformers")
@@ -2574,12 +2597,14 @@ def test_out_of_memory_names_the_flags_that_reduce_memory(task, tmp_path, monkey
 NAN_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {repo!r})
-import train
+from functools import partial
+import data, fsdp, train
 from model import Tokenizer
 from reward import ModelReward, RewardModel
 cfg = train.parse_args(sys.argv[1:])
-ctx = train.Dist("cpu")
-target = train.load_prompts(cfg, Tokenizer(cfg.policy), ctx)[0][{index}]
+ctx = fsdp.Dist("cpu")
+enc = partial(data.encode_prompts, Tokenizer(cfg.policy), fmt=cfg.prompt_format, max_len=cfg.max_prompt_len)
+target = train.read_data(cfg, data.read_prompts, enc, ctx, "prompts")[0][{index}]
 rm = ModelReward(RewardModel.from_pretrained(cfg.reward_model).eval())
 
 def reward_fn(prompt, prompt_mask, response, response_mask):
@@ -2623,9 +2648,12 @@ def test_nan_reward_skips_the_step_names_the_prompt_and_stops_after_max_bad_step
 
 
 def test_split_gives_the_three_stages_disjoint_parts_of_one_file(task):
+    import types
     import train
     root, files = task
-    parts = [train.read_data(train.Config(data=str(files["rm"]), split=s), data.read_preferences) for s in train.SPLITS]
+    one = types.SimpleNamespace(rank=0, world=1)
+    parts = [train.read_data(train.Config(data=str(files["rm"]), split=s, batch_size=1), data.read_preferences,
+                             lambda r: (r, {}), one, "pairs", held_out=False)[0] for s in train.SPLITS]
     assert [len(p) for p in parts] == [12, 26, 26]                  # 64 pairs, 2:4:4: round(12.8) + 2 x round(25.6) = 65, excess off the first
     assert parts == data.split_records(data.read_preferences(files["rm"]), (2, 4, 4), 1234)
     keys = [{r["source"] for r in p} for p in parts]
@@ -2985,39 +3013,26 @@ def test_convert_smollm2_greedy_answer_is_sensible(smollm2):
 
 
 @needs_smollm2
-def test_convert_smollm2_sentiment_example_runs_one_step(smollm2, tmp_path, monkeypatch):
-    # `python train.py --example smollm2-sentiment` with tiny settings: flags override the example's own.
+def test_sentiment_example_runs_remax_on_smollm2_with_a_reward_fn(smollm2, tmp_path):
+    # The README's commands with tiny settings: convert.py's folder, sentiment.py's prompts, train.py --reward_fn.
     pytest.importorskip("vaderSentiment")
-    import torch.distributed as dist
-    import convert
-    import train
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("REMAX_CACHE_DIR", str(smollm2.parent))
-    cfg = train.parse_args(["--example", "smollm2-sentiment", "--max_steps", "1", "--batch_size", "2",
-                            "--max_new_tokens", "4", "--eval_size", "2", "--out_dir", str(tmp_path), "--device", "cpu"])
-    run = convert.sentiment_config(cfg)
-    assert (run.max_steps, run.batch_size, run.max_new_tokens, run.eval_size) == (1, 2, 4, 2)
-    assert (run.lr, run.prompt_format, run.stage) == (convert.SENTIMENT["lr"], "chat", "remax")
-    started = dist.is_initialized()
-    ctx = train.Dist("cpu")
-    try:
-        result = convert.smollm2_sentiment(cfg, ctx)
-    finally:
-        if not started:
-            dist.destroy_process_group()
-    train_records = [json.loads(l) for l in (tmp_path / "data" / "prompts.jsonl").read_text().splitlines()]
-    eval_records = [json.loads(l) for l in (tmp_path / "data" / "eval_prompts.jsonl").read_text().splitlines()]
-    assert len(train_records) + len(eval_records) == len(convert.TEMPLATES) * len(convert.SUBJECTS)
-    assert not {r["prompt"] for r in train_records} & {r["prompt"] for r in eval_records}
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    import sentiment
+    train_file, eval_file = sentiment.write_prompts(tmp_path / "data")
+    train_records, eval_records = data.read_prompts(train_file), data.read_prompts(eval_file)
+    assert len(train_records) + len(eval_records) == len(sentiment.TEMPLATES) * len(sentiment.SUBJECTS)
+    assert not {r["source"] for r in train_records} & {r["source"] for r in eval_records}
+    assert sentiment.vader(["p", "p"], ["What a wonderful, lovely day!", "This is awful."])[0] > 0.5 > \
+        sentiment.vader(["p"], ["This is awful."])[0]
+    p = _train("--stage", "remax", "--policy", smollm2, "--reward_fn", "sentiment.py:vader", "--data", train_file,
+               "--eval_data", eval_file, "--out_dir", tmp_path / "run", "--prompt_format", "chat", "--lr", "5e-5",
+               "--beta", "0.05", "--top_p", "1", "--batch_size", "2", "--max_new_tokens", "4", "--max_prompt_len", "64",
+               "--max_steps", "1", "--eval_size", "2", "--device", "cpu")
+    rows = _rows(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1] and not rows[1]["skipped"]
     assert math.isfinite(rows[1]["grad_norm"]) and math.isfinite(rows[1]["loss"])
-    for ev in (result["before"], result["after"]):
-        assert -1.0 <= ev["reward_greedy"] <= 1.0 and ev["length_greedy"] <= 4
-    assert [r["step"] for r in result["curve"]] == [0, 1]
-    assert len(result["samples"]) == 2 and all(-1 <= s["after_reward"] <= 1 for s in result["samples"])
-    assert (tmp_path / "final" / "model.safetensors").is_file()
+    for r in rows:                                                # eval rewards are VADER scores of <= 4 tokens
+        assert -1.0 <= r["eval/reward_greedy"] <= 1.0 and r["eval/length_greedy"] <= 4
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    bad = _train("--stage", "remax", "--policy", smollm2, "--reward_fn", "sentiment.py:nothing", "--data", train_file,
+                 "--out_dir", tmp_path / "bad", "--batch_size", "2", check=False)
+    assert bad.returncode != 0 and "--reward_fn sentiment.py:nothing: sentiment.py defines no function 'nothing'" in bad.stderr

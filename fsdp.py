@@ -1,0 +1,357 @@
+"""Distributed plumbing, nothing of ReMax: ranks, FSDP2 sharding and loading, the gathered policy for a
+rollout, export, DCP checkpoints read safely, and files written atomically.
+
+The FSDP2 recipe is torchtitan's (torch >= 2.6): a process group and a 1-D device mesh; build the model on
+the meta device; `fully_shard` every transformer block, then the root; materialise with `to_empty`; rank 0
+reads the checkpoint and broadcasts it into the shards; create the optimizer after sharding, so it holds
+the DTensor shards. Trained models keep fp32 master weights and compute in the compute dtype
+(`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`); frozen ones hold the compute dtype. Resume
+state is a `torch.distributed.checkpoint` folder (`get_state_dict` / `set_state_dict`); exports gather the
+full state dict and rank 0 writes a Hugging Face folder. A plain `python train.py` is a world of one: the
+same code path, on an in-memory store.
+"""
+import json
+import math
+import os
+import pickle
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from model import Tokenizer, Transformer, read_config
+
+
+class Dist:
+    """Rank, world and device; reductions of Python numbers over the ranks."""
+
+    def __init__(self, device: str = "auto"):
+        single = "RANK" not in os.environ
+        cuda = torch.cuda.is_available() and device != "cpu"
+        self.rank, self.world = (0, 1) if single else (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+        self.device = torch.device(f"cuda:{0 if single else os.environ['LOCAL_RANK']}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            # One process needs no rendezvous: an in-memory store, so no port to pick and no TCP server thread.
+            store = dict(store=dist.HashStore(), rank=0, world_size=1) if single else {}
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None, **store)
+        self.mesh = init_device_mesh(self.device.type, (self.world,))
+
+    def split(self, global_batch: int) -> slice:
+        if global_batch % self.world:
+            raise ValueError(f"--batch_size {global_batch} must be divisible by the world size {self.world}")
+        b = global_batch // self.world
+        return slice(self.rank * b, (self.rank + 1) * b)
+
+    def _reduce(self, values, op=dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def mean(self, values: dict) -> dict:
+        return {k: v / self.world for k, v in zip(values, self._reduce(list(values.values())))}
+
+    def sum(self, x: float) -> float:
+        return self._reduce([x])[0]
+
+    def max(self, x: float) -> float:
+        return self._reduce([x], dist.ReduceOp.MAX)[0]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of every rank, in rank order (each rank holds as many)."""
+        x = x.detach().to(self.device, torch.float64)
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+
+def log(ctx: Dist, *args):
+    if ctx.rank == 0:
+        print(*args, flush=True)
+
+
+class Rank0Failed(Exception):
+    """Raised on the other ranks when rank 0 failed in on_rank0; rank 0 reports the cause itself."""
+
+
+def on_rank0(ctx: Dist, fn):
+    """fn() on rank 0 only; if it fails every rank raises, so no rank is left waiting in a collective."""
+    result, error = None, None
+    if ctx.rank == 0:
+        try:
+            result = fn()
+        except Exception as e:          # any failure: the other ranks must not wait in a collective forever
+            error = e
+    if ctx.sum(float(error is not None)):
+        raise error or Rank0Failed("rank 0 failed (its message is above)")
+    return result
+
+
+# --------------------------------------------------------------------------- models
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bf16 on a GPU, fp32 on a CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def shard(model, blocks, mesh, dtype: torch.dtype, trainable: bool):
+    """fully_shard each transformer block, then the root. Trainable: fp32 master weights, compute in `dtype`,
+    fp32 gradient reduction. Frozen models already hold the compute dtype and need no policy."""
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if trainable and dtype != torch.float32 \
+        else MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def load_model(path, ctx: Dist, dtype: torch.dtype, trainable: bool, cls=Transformer, activation_checkpointing=False):
+    """Build on the meta device, shard, then rank 0 reads the checkpoint and broadcasts the shards.
+
+    Only rank 0 holds a full copy (in host memory), so 8 ranks need not 8x the host memory. Trained
+    models hold fp32 master weights, frozen ones `dtype`.
+    """
+    path = Path(path)
+    with torch.device("meta"):
+        model = cls(read_config(path))
+    backbone = model if isinstance(model, Transformer) else model.model       # a reward model or critic
+    state = on_rank0(ctx, lambda: cls.from_pretrained(path).state_dict()) or {}
+    model.to(torch.float32 if trainable else dtype)
+    shard(model, backbone.layers, ctx.mesh, dtype, trainable)
+    model.to_empty(device=ctx.device)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    backbone.reset_rope()
+    backbone.activation_checkpointing = trainable and activation_checkpointing
+    if not trainable:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def export(model, path, ctx: Dist, tokenizer: Tokenizer | None = None):
+    """Gather the full weights (all ranks take part) and let rank 0 write a transformers-loadable folder."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if model.config.pad_id is None and tokenizer and tokenizer.pad_id not in (None, tokenizer.eos_id):
+        # transformers' *ForSequenceClassification scores batches only with a pad id, at the last non-pad
+        # token: the tokenizer's own pad is safe there (an EOS used as pad would move the score off the EOS).
+        model.config.pad_id = tokenizer.pad_id
+    on_rank0(ctx, lambda: model.save_pretrained(path, state_dict=state,
+                                                extra_files=tokenizer.files() if tokenizer else ()))
+
+
+@contextmanager
+def gathered(model):
+    """Keep the policy's parameters unsharded for a whole rollout.
+
+    Decoding runs one forward per token; letting FSDP all-gather every block for every token would
+    dominate generation time. This is the role DeepSpeed's hybrid engine plays in the official code.
+    """
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def make_update(ctx: Dist, lr: float, grad_clip: float, lr_scale: dict | None = None):
+    """update(model, optimizer, loss, token_mask=None) -> (grad norm | None, loss): backward, clip, one step.
+
+    A token mean (token_mask given) is rescaled to the *global* batch: FSDP averages gradients over ranks,
+    so each rank's mean times its share of the tokens makes the step one process's with the whole batch,
+    whatever the world size. A non-finite loss on any rank, or a non-finite gradient norm (over all
+    shards), skips the step on every rank. lr_scale: {optimizer: its learning rate / lr}.
+    """
+    def update(model, optimizer, loss, token_mask=None):
+        n = 0.0 if token_mask is None else token_mask.sum().item()
+        scale = 1.0 if token_mask is None else n * ctx.world / max(1.0, ctx.sum(n))
+        if ctx.sum(0.0 if torch.isfinite(loss) else 1.0):
+            model.zero_grad(set_to_none=True)
+            return None, math.nan
+        (loss * scale).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
+        for g in optimizer.param_groups:
+            g["lr"] = lr * (lr_scale or {}).get(optimizer, 1)
+        if math.isfinite(norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return (norm if math.isfinite(norm) else None), loss.item() * scale
+    return update
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _train_state(trained: dict, gen: torch.Generator) -> dict:
+    state = {"rng": gen.get_state()}
+    for name, (model, opt) in trained.items():
+        state[name], state[f"{name}_optim"] = get_state_dict(model, opt)
+    return state
+
+
+def save_checkpoint(root: Path, trained: dict, step: int, gen: torch.Generator, ctx: Dist, meta: dict):
+    """DCP checkpoint of {name: (model, optimizer)} and the sampling RNG, written to a temp folder and
+    renamed, then `latest` updated: a kill at any moment leaves the previous checkpoint loadable. Only
+    then are checkpoints older than the newest two removed."""
+    final, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
+    on_rank0(ctx, lambda: shutil.rmtree(tmp, ignore_errors=True))        # left by a run killed mid-save
+    dcp.save(_train_state(trained, gen), checkpoint_id=str(tmp))
+    dist.barrier()
+
+    def publish():
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}))
+        shutil.rmtree(final, ignore_errors=True)         # a stale copy from a run that died after this step
+        os.replace(tmp, final)
+        atomic_write(root / "latest", final.name)
+        for old in sorted(root.glob("step_*"))[:-2]:     # the newest two: a 7B run's states are ~84 GB each
+            shutil.rmtree(old, ignore_errors=True)
+    on_rank0(ctx, publish)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Only the classes a DCP .metadata file holds; anything else in it is refused, not executed."""
+
+    def find_class(self, module, name):
+        if module.startswith("torch.distributed.checkpoint.") or (module, name) in (
+                ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("collections", "OrderedDict")) or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never holds")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """torch.distributed.checkpoint unpickles its .metadata with plain pickle and non-tensor entries with
+    torch.load(weights_only=False); check both with restricted unpicklers first, so that resuming from a
+    tampered checkpoint fails instead of running code. Tensors are already read with weights_only=True."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+        return super().read_metadata(*args, **kwargs)
+
+
+class SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value):
+        torch.load(value, weights_only=True)          # raises on anything but plain data (step counts, lrs)
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def load_checkpoint(root: Path, trained: dict, gen: torch.Generator, ctx: Dist) -> dict:
+    """Restore the newest complete checkpoint; returns its meta.json ({"step": 0} if none).
+
+    Complete = renamed from its temp folder (meta.json is written before the rename), so even a kill
+    between the rename and the `latest` update resumes from the newest one.
+    """
+    done = sorted(root.glob("step_*/meta.json"))
+    if not done:
+        log(ctx, f"[resume] no checkpoint under {root}: starting at step 0")
+        return {"step": 0}
+    path = done[-1].parent
+    state = _train_state(trained, gen)
+    dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner())
+    for name, (model, opt) in trained.items():
+        set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
+    gen.set_state(state["rng"])
+    meta = json.loads((path / "meta.json").read_text())
+    log(ctx, f"[resume] from {path}: continuing after step {meta['step']}")
+    return meta
+
+
+# --------------------------------------------------------------------------- run folders and files
+
+def start_run(out: Path, config: dict, resume: bool, ctx: Dist, tag: str) -> Path:
+    """Check and create the output folder (rank 0), write config.json, print the config."""
+    def write_config():
+        if not resume and any((out / "checkpoints").glob("step_*")):
+            # A later --resume would otherwise pick up whichever run's checkpoint has the highest step.
+            raise ValueError(f"--out_dir {out}: holds checkpoints of an earlier run; add --resume to continue "
+                             "it, or use another --out_dir")
+        if resume and (out / "config.json").is_file():
+            old = json_or_none((out / "config.json").read_text()) or {}
+            changed = [f"--{k} {old[k]} -> {v}" for k, v in config.items() if k != "resume" and k in old and old[k] != v]
+            if changed:
+                print(f"[resume] flags changed since the earlier run: {', '.join(changed)}", flush=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
+        except OSError as e:
+            raise OSError(f"--out_dir {out}: not writable ({e.strerror})") from None
+        print(f"[{tag}] world={ctx.world} device={ctx.device} config:\n{json.dumps(config, indent=1)}", flush=True)
+    on_rank0(ctx, write_config)
+    return out
+
+
+def atomic_write(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def json_or_none(line: str):
+    try:                                   # a kill mid-write leaves at most one partial last line
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+class Metrics:
+    """One JSON line per step (rank 0); on resume, lines past the restored step are dropped."""
+
+    def __init__(self, path: Path, ctx: Dist, start_step: int = 0):
+        self.path, self.on = path, ctx.rank == 0
+        if self.on and path.exists():
+            # Row k is logged after step k; a fresh run (start 0) starts the file anew.
+            keep = [l for l in map(json_or_none, path.read_text().splitlines()) if l and 0 < start_step >= l["step"]]
+            atomic_write(path, "".join(json.dumps(l) + "\n" for l in keep))
+
+    def write(self, row: dict):
+        if self.on:             # NaN / inf (a skipped step) as null: bare NaN is not JSON outside Python
+            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            with self.path.open("a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+
+    def plot(self, keys=("reward_mean", "baseline_mean", "kl", "eval/reward_greedy", "eval/kl")):
+        """metrics.png next to metrics.jsonl: reward and KL against steps, when matplotlib is installed (optional)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        if not self.on:
+            return
+        rows = [r for r in map(json_or_none, self.path.read_text().splitlines()) if r]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+            if pts:
+                axes[int("kl" in k)].plot(*zip(*pts), label=k, marker="." if k.startswith("eval/") else None)
+        for ax, title in zip(axes, ("reward", "KL to the reference")):
+            ax.set(title=title, xlabel="step")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.path.with_suffix(".png"))
+        plt.close(fig)
