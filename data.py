@@ -426,6 +426,7 @@ DEMO_STOP, DEMO_ERROR = 0.5, 0.1       # the SFT demonstrator: stops early (more
 PREFERENCE_TEMPERATURE = 0.05          # Bradley-Terry label noise, in gold-score units
 NEAR_MISSES = 0.7                      # share of preference pairs that are an answer and one edit of it
 MAX_ANSWER_LEN = 10
+SYNTHETIC_FILES = {"sft": "sft.jsonl", "rm": "preferences.jsonl", "remax": "prompts.jsonl", "eval": "eval_prompts.jsonl"}
 CHARS = "\n :=" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "[]/"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}"
@@ -550,6 +551,5 @@ def write_char_tokenizer(folder) -> Path:
 
 def write_synthetic_jsonl(folder, seed: int = 0, **sizes) -> dict[str, Path]:
     """synthetic_task as JSONL files (sft.jsonl, preferences.jsonl, prompts.jsonl, eval_prompts.jsonl)."""
-    names = {"sft": "sft.jsonl", "rm": "preferences.jsonl", "remax": "prompts.jsonl", "eval": "eval_prompts.jsonl"}
     task = synthetic_task(seed, **sizes)
-    return {k: write_jsonl(Path(folder) / names[k], task[k]) for k in names}
+    return {k: write_jsonl(Path(folder) / name, task[k]) for k, name in SYNTHETIC_FILES.items()}

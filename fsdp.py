@@ -1,5 +1,5 @@
 """Distributed plumbing, nothing of ReMax: ranks, FSDP2 sharding and loading, the gathered policy for a
-rollout, export, DCP checkpoints read safely, and files written atomically.
+rollout, the optimizer step, export, DCP checkpoints read safely, run folders, files written atomically.
 
 The FSDP2 recipe is torchtitan's (torch >= 2.6): a process group and a 1-D device mesh; build the model on
 the meta device; `fully_shard` every transformer block, then the root; materialise with `to_empty`; rank 0
@@ -15,6 +15,8 @@ import math
 import os
 import pickle
 import shutil
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,6 +77,7 @@ class Dist:
 
 
 def log(ctx: Dist, *args):
+    """print on rank 0."""
     if ctx.rank == 0:
         print(*args, flush=True)
 
@@ -116,15 +119,22 @@ def shard(model, blocks, mesh, dtype: torch.dtype, trainable: bool):
     return model
 
 
-def load_model(path, ctx: Dist, dtype: torch.dtype, trainable: bool, cls=Transformer, activation_checkpointing=False):
+def load_model(path, ctx: Dist, dtype: torch.dtype, trainable: bool, cls=Transformer, activation_checkpointing=False,
+               vocab_size: int = 0, flag: str = "--policy"):
     """Build on the meta device, shard, then rank 0 reads the checkpoint and broadcasts the shards.
 
     Only rank 0 holds a full copy (in host memory), so 8 ranks need not 8x the host memory. Trained
-    models hold fp32 master weights, frozen ones `dtype`.
+    models hold fp32 master weights, frozen ones `dtype`. vocab_size: the tokenizer's, which the
+    embeddings must cover (a larger id would be a device-side assert on a GPU, not an error message).
     """
     path = Path(path)
+    config = read_config(path)
+    if vocab_size > config.vocab_size:
+        raise ValueError(f"{flag}: the model has {config.vocab_size} embeddings but the tokenizer {vocab_size} tokens; "
+                         "use the matching --tokenizer (or --reward_format ultrarm for a reward model with its own "
+                         "tokenizer)")
     with torch.device("meta"):
-        model = cls(read_config(path))
+        model = cls(config)
     backbone = model if isinstance(model, Transformer) else model.model       # a reward model or critic
     state = on_rank0(ctx, lambda: cls.from_pretrained(path).state_dict()) or {}
     model.to(torch.float32 if trainable else dtype)
@@ -150,13 +160,13 @@ def export(model, path, ctx: Dist, tokenizer: Tokenizer | None = None):
 
 
 @contextmanager
-def gathered(model):
-    """Keep the policy's parameters unsharded for a whole rollout.
+def gathered(model, seconds: dict | None = None):
+    """Keep the policy's parameters unsharded for a whole rollout; seconds["gathered"]: how long it lasted.
 
     Decoding runs one forward per token; letting FSDP all-gather every block for every token would
     dominate generation time. This is the role DeepSpeed's hybrid engine plays in the official code.
     """
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    t, modules = time.perf_counter(), [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
@@ -166,6 +176,17 @@ def gathered(model):
         for m in modules:
             m.reshard()
             m.set_reshard_after_forward(True, recurse=False)
+        if seconds is not None:
+            seconds["gathered"] = time.perf_counter() - t
+
+
+def adamw(model, lr: float, weight_decay: float, betas: tuple) -> torch.optim.AdamW:
+    """AdamW over the model's (sharded) trainable parameters, so create it after sharding. No weight decay on
+    norms (1-D), as the official code's get_optimizer_grouped_parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
 def make_update(ctx: Dist, lr: float, grad_clip: float, lr_scale: dict | None = None):
@@ -317,41 +338,31 @@ def json_or_none(line: str):
         return None
 
 
-class Metrics:
-    """One JSON line per step (rank 0); on resume, lines past the restored step are dropped."""
+@contextmanager
+def one_line_errors(ctx: Dist, prog: str, oom_hint: str):
+    """Bad input ends with one line naming the problem, on every rank, and the process group is torn down."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"{prog}: out of memory on rank {ctx.rank} ({ctx.device}): {oom_hint}") from None
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"{prog}: {e}") from None
+    except Rank0Failed as e:
+        raise SystemExit(f"{prog}: rank {ctx.rank}: {e}") from None
+    finally:
+        dist.destroy_process_group()
 
-    def __init__(self, path: Path, ctx: Dist, start_step: int = 0):
-        self.path, self.on = path, ctx.rank == 0
-        if self.on and path.exists():
-            # Row k is logged after step k; a fresh run (start 0) starts the file anew.
-            keep = [l for l in map(json_or_none, path.read_text().splitlines()) if l and 0 < start_step >= l["step"]]
-            atomic_write(path, "".join(json.dumps(l) + "\n" for l in keep))
 
-    def write(self, row: dict):
-        if self.on:             # NaN / inf (a skipped step) as null: bare NaN is not JSON outside Python
-            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-            with self.path.open("a") as f:
-                f.write(json.dumps(row, allow_nan=False) + "\n")
-
-    def plot(self, keys=("reward_mean", "baseline_mean", "kl", "eval/reward_greedy", "eval/kl")):
-        """metrics.png next to metrics.jsonl: reward and KL against steps, when matplotlib is installed (optional)."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        if not self.on:
-            return
-        rows = [r for r in map(json_or_none, self.path.read_text().splitlines()) if r]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
-            if pts:
-                axes[int("kl" in k)].plot(*zip(*pts), label=k, marker="." if k.startswith("eval/") else None)
-        for ax, title in zip(axes, ("reward", "KL to the reference")):
-            ax.set(title=title, xlabel="step")
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.path.with_suffix(".png"))
-        plt.close(fig)
+def run_main(main):
+    """The process entry point: main(), a SystemExit's message as one line on stderr, then os._exit. Everything
+    is written, renamed and closed by then: skipping interpreter teardown avoids PyTorch's distributed C++
+    threads racing it and aborting ("terminate called without an active exception", pytorch#190489)."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:                                  # a bad-input line (or argparse's usage / --help)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)

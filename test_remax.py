@@ -1585,7 +1585,7 @@ def test_exact_kl_matches_hand_computation():
 
 def test_eval_exact_kl_in_row_chunks_equals_exact_kl_on_the_whole_batch():
     import types
-    import evaluate
+    import metrics
     policy, ref = _reward_policy(), _reward_policy(vocab_size=48).init_weights(
         std=0.1, generator=torch.Generator().manual_seed(3))
     prompt = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
@@ -1599,9 +1599,9 @@ def test_eval_exact_kl_in_row_chunks_equals_exact_kl_on_the_whole_batch():
         want = exact_kl(policy(tokens, pos, joint)[:, 3:-1], ref(tokens, pos, joint)[:, 3:-1], rmask).item()
     assert want > 0
     for budget in (1, 2 * 9 * 48, 2**24):                                   # 1 row, 2 rows, all rows at once
-        got = evaluate.exact_kl_over_ranks(policy, ref, prompt, pmask, resp, rmask, one, budget=budget)
+        got = metrics.exact_kl_over_ranks(policy, ref, prompt, pmask, resp, rmask, one, budget=budget)
         assert got == pytest.approx(want, rel=1e-12)
-    assert evaluate.exact_kl_over_ranks(policy, policy, prompt, pmask, resp, rmask, one) == 0.0
+    assert metrics.exact_kl_over_ranks(policy, policy, prompt, pmask, resp, rmask, one) == 0.0
 
 
 def test_presets_choose_sampling_and_refuse_a_silent_beta():
@@ -2273,7 +2273,9 @@ def test_torchrun_two_processes_equal_one_process(task, tmp_path, preset):
         _remax(root, files, tmp_path / f"w{world}", "--max_steps", "3", "--preset", preset, *beta, world=world)
     one, two = _rows(tmp_path / "w1" / "metrics.jsonl"), _rows(tmp_path / "w2" / "metrics.jsonl")
     for a, b in zip(one[1:], two[1:]):
-        for key in ("loss", "reward_mean", "baseline_mean", "kl", "grad_norm"):
+        # Spreads and token means too: computed over the global batch, not averaged over ranks' own values.
+        for key in ("loss", "reward_mean", "baseline_mean", "kl", "grad_norm", "reward_std", "baseline_std",
+                    "advantage_std", "kl_token", "entropy", "length"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     p1, p2 = _params(tmp_path / "w1" / "final"), _params(tmp_path / "w2" / "final")
     for k in p1:
@@ -2325,7 +2327,7 @@ def test_target_kl_stops_at_the_first_evaluation_past_it(task, tmp_path):
 KL_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {repo!r})
-import evaluate, fsdp
+import metrics, fsdp
 from remax import exact_kl
 from model import Transformer, positions_from_mask
 ctx = fsdp.Dist("cpu")
@@ -2338,7 +2340,7 @@ g = torch.Generator().manual_seed(0)
 P, N = (3, 4) if ctx.rank == 0 else (9, 8)              # ranks pad to different lengths
 prompt, resp = torch.randint(3, 60, (2, P), generator=g), torch.randint(3, 60, (2, N), generator=g)
 pmask, rmask = torch.ones(2, P, dtype=torch.bool), torch.ones(2, N, dtype=torch.bool)
-got = evaluate.exact_kl_over_ranks(policy, ref, prompt, pmask, resp, rmask, ctx, budget=2 * 10 * 64)
+got = metrics.exact_kl_over_ranks(policy, ref, prompt, pmask, resp, rmask, ctx, budget=2 * 10 * 64)
 open({other!r} + f".rank{{ctx.rank}}", "w").write(repr(got))
 torch.distributed.destroy_process_group()
 """
@@ -2526,17 +2528,10 @@ def test_sft_needs_room_for_a_response_and_tokenizer_must_fit_the_embedding(tmp_
             train.main(["--stage", "sft", "--policy", str(tmp_path), "--data", "d", "--device", "cuda"])
     with pytest.raises(SystemExit, match="--max_len 16 must exceed --max_prompt_len 16"):
         train.main(["--stage", "sft", "--policy", "p", "--data", "d", "--max_len", "16", "--max_prompt_len", "16"])
-    tok = Tokenizer(data.write_char_tokenizer(tmp_path / "tok"))
-    cpu = types.SimpleNamespace(device=torch.device("cpu"))
-    for vocab in (tok.vocab_size - 1, tok.vocab_size):
-        model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=vocab))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(train.fsdp, "load_model", lambda *a, **k: model)
-            if vocab < tok.vocab_size:
-                with pytest.raises(ValueError, match=f"--reward_model: the model has {vocab} embeddings"):
-                    train.load("rm", train.Config(), cpu, False, tok=tok, flag="reward_model")
-            else:
-                assert train.load("p", train.Config(), cpu, True, tok=tok) is model
+    import fsdp
+    Transformer(ModelConfig(**{**TINY, "vocab_size": 40})).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="--reward_model: the model has 40 embeddings but the tokenizer 64 tokens"):
+        fsdp.load_model(tmp_path / "small", None, torch.float32, False, vocab_size=64, flag="--reward_model")
 
 
 def test_generation_config_eos_ids_stop_generation_and_must_include_the_tokenizers_eos(tmp_path):
@@ -2545,13 +2540,15 @@ def test_generation_config_eos_ids_stop_generation_and_must_include_the_tokenize
     cfg = ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=32, eos_id=5, pad_id=0)
     Transformer(cfg).init_weights(generator=torch.Generator().manual_seed(0)).save_pretrained(tmp_path / "m")
     tok = Tokenizer(data.write_char_tokenizer(tmp_path / "m"))                   # its eos is 2, config.json's 5
-    cfg = train.Config(stage="sft", policy=str(tmp_path / "m"))
+    import types
+    cfg = train.Config(stage="sft", policy=str(tmp_path / "m"), out_dir=str(tmp_path / "run"))
+    one = types.SimpleNamespace(rank=0, world=1, sum=lambda x: x, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"the tokenizer's eos token 2 is not among the model's stop ids \[5\]"):
-        train.tokenizer(cfg)
+        train.start(cfg, one)
     # Llama-3-Instruct's layout: <|eot_id|> is a stop id only in generation_config.json, as transformers reads it.
     (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 2]}))
     assert read_config(tmp_path / "m").stop_ids == [5, 2]
-    assert train.tokenizer(cfg).eos_id == 2
+    assert train.start(cfg, one).eos_id == 2
     model = Transformer.from_pretrained(tmp_path / "m")
     assert model.config.stop_ids == [5, 2]
     transformers = pytest.importorskip("transformers")

@@ -4,20 +4,16 @@
     torchrun --nproc_per_node=8 train.py --stage remax --policy out/sft/final \\
         --reward_model out/rm/final --data prompts.jsonl --preset official
 
-Top to bottom: the flags (Config), step 1 (SFT), step 2 (reward model), step 3 (ReMax, or PPO for the
-paper's comparison) whose update is `remax.remax_step` (Algorithm 1 lines 3-7), the loop the three steps
-share, the demo, main. Distributed plumbing is in fsdp.py, the logged metrics in evaluate.py. Every run
-prints its config, writes it to <out_dir>/config.json and logs <out_dir>/metrics.jsonl.
+Top to bottom: the flags (Config), step 1 (SFT), step 2 (reward model), step 3 (ReMax, whose update is
+`remax.remax_step`, Algorithm 1 lines 3-7; or PPO, the paper's comparison), the loop the three share, the
+demo, main. Distributed plumbing is in fsdp.py, the logged metrics in metrics.py.
 """
 import argparse
-import json
 import math
-import os
 import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -27,15 +23,15 @@ from typing import get_args
 import torch
 
 import data
-import evaluate
 import fsdp
+import metrics
 import ppo
 import remax
 from fsdp import Dist, log, on_rank0
 from model import ModelConfig, Tokenizer, Transformer, generate, read_config
 from reward import ModelReward, RetokenizedReward, RewardModel, TextReward, bradley_terry_loss, mistral_to_ultrarm
 
-FORMATS = data.FORMATS          # `data` is also a Config field
+FORMATS, SPLITS = data.FORMATS, ("sft", "rm", "remax")      # `data` is also a Config field
 RL, ALL, DEMO = "remax ppo", "sft rm remax ppo", "sft rm remax ppo demo"   # "ppo": --stage remax --algo ppo
 RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
          "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}   # `not rule(v)`: NaN fails too
@@ -66,20 +62,19 @@ class Config:
     eval_size: int = flag(64, "held-out prompts / pairs evaluated", ">= 1", "rm " + RL)
     prompt_format: str = flag("auto", "auto: chat if the tokenizer has a template, else hh", FORMATS)
     out_dir: str = flag("out/run", "config.json, metrics.jsonl, checkpoints and exports go here", None, DEMO)
-    preset: str = flag("official", "official: the released scripts; algorithm1: the paper's Algorithm 1",
-                       tuple(remax.PRESETS), RL + " demo")
-    baseline: str = flag("greedy", "greedy: ReMax; none: REINFORCE; rloo: a second sample", remax.BASELINES, "remax demo")
+    preset: str = flag("official", "official: the released scripts; algorithm1: Algorithm 1", tuple(remax.PRESETS),
+                       RL + " demo")
+    baseline: str = flag("greedy", "greedy: ReMax; none: REINFORCE; rloo: 2nd sample", remax.BASELINES, "remax demo")
     kl: str | None = flag(None, "KL penalty (official k1_onestep); default the preset's", remax.KL_MODES, "remax")
     beta: float | None = flag(None, "KL coefficient (ppo: kl_ctl 0.1); default the preset's", ">= 0", RL)
     gamma: float | None = flag(None, "discount of the reward difference; default the preset's", "in (0, 1]", "remax")
     clip: float | None = flag(None, "clip r - b to +-clip; default the preset's", "> 0", "remax")
-    norm: str | None = flag(None, "seq_sum (Algorithm 1), token_mean (official); default the preset's", remax.NORMS,
-                            "remax")
+    norm: str | None = flag(None, "seq_sum (Algorithm 1), token_mean (official); default: preset", remax.NORMS, "remax")
     temperature: float = flag(1.0, "sampling temperature", ">= 0", RL)
-    top_p: float | None = flag(None, "nucleus sampling; default the preset's (official 0.9, algorithm1 1)", "in (0, 1]", RL)
+    top_p: float | None = flag(None, "nucleus; default the preset's (official 0.9, algorithm1 1)", "in (0, 1]", RL)
     top_k: int = flag(0, "top-k sampling, 0 = off", ">= 0", RL)
     max_prompt_len: int = flag(256, "prompt tokens", ">= 1")
-    overlong: str = flag("truncate", "a longer prompt: keep its last tokens (official), or error", ("truncate", "error"))
+    overlong: str = flag("truncate", "a longer prompt: keep its last tokens (official) or error", ("truncate", "error"))
     max_new_tokens: int = flag(256, "response tokens generated", ">= 1", RL)
     max_len: int = flag(512, "prompt + response tokens", ">= 1", "sft rm")
     lr: float = flag(1e-6, "peak learning rate (official Llama-2-7B script)", "> 0", DEMO)
@@ -109,11 +104,9 @@ def parse_args(argv=None, **defaults) -> Config:
         default, meta = defaults.get(f.name, f.default), f.metadata
         check = meta["check"] if isinstance(meta["check"], str) else " | ".join(map(repr, meta["check"] or ()))
         help = f"{meta['help']} [{' '.join(meta['runs'])}{'; ' + check if check else ''}] (default: {default!r})"
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help)
-        else:
-            kind = next(t for t in get_args(f.type) if t is not NoneType) if isinstance(f.type, UnionType) else f.type
-            p.add_argument(f"--{f.name}", type=kind, default=default, help=help, metavar=kind.__name__.upper())
+        kind = next(t for t in get_args(f.type) if t is not NoneType) if isinstance(f.type, UnionType) else f.type
+        p.add_argument(f"--{f.name}", default=default, help=help, **dict(action=argparse.BooleanOptionalAction)
+                       if kind is bool else dict(type=kind, metavar=kind.__name__.upper()))
     argv = list(sys.argv[1:] if argv is None else argv)
     for i in range(len(argv) - 1, 0, -1):          # argparse takes "-1e-4" for a flag: join it to the flag before
         if re.fullmatch(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf|-nan", argv[i], re.I) and argv[i - 1].startswith("--"):
@@ -132,16 +125,14 @@ def validate(cfg: Config):
             raise SystemExit(f"--{f.name}: expected {check}, got {v!r}")
     run = "ppo" if cfg.stage == "remax" and cfg.algo == "ppo" else cfg.stage
     unused = [f for f in fields(Config) if getattr(cfg, f.name) != f.default and run not in f.metadata["runs"]]
-    names = ", ".join("--" + f.name for f in unused)
-    if unused and run == "demo":
-        demo = ", ".join("--" + f.name for f in fields(Config) if "demo" in f.metadata["runs"])
-        raise SystemExit(f"{names}: the demo takes only {demo}; run --stage sft / rm / remax for the rest")
-    if run == "ppo" and any("remax" in f.metadata["runs"] for f in unused):
-        raise SystemExit(f"{names}: ReMax loss options, unused by --algo ppo (ppo.py keeps DS-Chat's gamma 1, "
-                         "lambda 0.95 and reward clip 5; --beta sets its kl_ctl)")
     if unused:
-        raise SystemExit(f"{names}: not used by --stage {cfg.stage}" + (" (--critic and --critic_lr are for --algo ppo)"
-                                                                         if "ppo" in unused[0].metadata["runs"] else ""))
+        demo = ", ".join("--" + f.name for f in fields(Config) if "demo" in f.metadata["runs"])
+        raise SystemExit(", ".join("--" + f.name for f in unused) + ": " + (
+            f"the demo takes only {demo}; run --stage sft / rm / remax for the rest" if run == "demo" else
+            "ReMax loss options, unused by --algo ppo (ppo.py keeps DS-Chat's gamma 1, lambda 0.95, reward clip 5; "
+            "--beta sets its kl_ctl)" if run == "ppo" and any("remax" in f.metadata["runs"] for f in unused) else
+            f"not used by --stage {cfg.stage}" + (" (--critic and --critic_lr are for --algo ppo)"
+                                                   if "ppo" in unused[0].metadata["runs"] else "")))
     for name in ("policy", "data") if run != "demo" else ():
         if not getattr(cfg, name):
             raise SystemExit(f"--{name} is required for --stage {cfg.stage}")
@@ -152,7 +143,7 @@ def validate(cfg: Config):
                          "a value model on the policy's tokenizer (initialised from a reward model folder)")
     try:
         remax_options(cfg) if cfg.algo == "remax" and run in ("remax", "demo") else None
-    except ValueError as e:
+    except ValueError as e:                        # a preset's beta with --kl none, a KL mode with no beta
         raise SystemExit(str(e)) from None
     if run in ("sft", "rm") and cfg.max_len <= cfg.max_prompt_len:
         raise SystemExit(f"--max_len {cfg.max_len} must exceed --max_prompt_len {cfg.max_prompt_len} "
@@ -161,7 +152,7 @@ def validate(cfg: Config):
         raise SystemExit(f"--device cuda: no CUDA device available to torch {torch.__version__}")
     for name in ("policy", "reward_model", "critic", "tokenizer"):
         if getattr(cfg, name) and not Path(getattr(cfg, name)).is_dir():
-            raise SystemExit(f"--{name} {getattr(cfg, name)}: folder not found (expected a Hugging Face checkpoint folder)")
+            raise SystemExit(f"--{name} {getattr(cfg, name)}: folder not found (expected a Hugging Face checkpoint)")
 
 
 def remax_options(cfg: Config) -> dict:
@@ -170,29 +161,22 @@ def remax_options(cfg: Config) -> dict:
 
 # --------------------------------------------------------------------------- inputs
 
-def tokenizer(cfg: Config) -> Tokenizer:
-    """--tokenizer (default --policy). SFT ends every response with its EOS, and generation stops on the
-    checkpoint's eos_token_id(s): the two must agree."""
-    tok = Tokenizer(cfg.tokenizer or cfg.policy)
-    stop_ids = read_config(cfg.policy).stop_ids
+def start(cfg: Config, ctx: Dist) -> Tokenizer:
+    """The run folder and --tokenizer (default --policy), whose EOS must be among the policy's stop ids."""
+    fsdp.start_run(Path(cfg.out_dir), asdict(cfg), cfg.resume, ctx, cfg.stage)
+    tok, stop_ids = Tokenizer(cfg.tokenizer or cfg.policy), read_config(cfg.policy).stop_ids
     if cfg.stage != "rm" and tok.eos_id is not None and tok.eos_id not in stop_ids:
-        raise ValueError(f"--policy {cfg.policy}: the tokenizer's eos token {tok.eos_id} is not among the model's stop "
-                         f"ids {stop_ids} (eos_token_id in config.json / generation_config.json): responses trained to "
+        raise ValueError(f"--policy {cfg.policy}: the tokenizer's eos token {tok.eos_id} is not among the model's stop"
+                         f" ids {stop_ids} (eos_token_id in config.json, generation_config.json): responses trained to "
                          "end with it would never stop generation")
     tok.pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     return tok
 
 
 def load(path, cfg: Config, ctx: Dist, trainable: bool, cls=Transformer, tok=None, flag: str = "policy"):
-    """A sharded model (fsdp.load_model) whose embeddings cover `tok`: an id past them would be a device-side
-    assert on a GPU, not an error message."""
-    model = fsdp.load_model(path, ctx, fsdp.compute_dtype(cfg.dtype, ctx.device), trainable, cls,
-                            cfg.activation_checkpointing)
-    if tok is not None and tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"--{flag}: the model has {model.config.vocab_size} embeddings but the tokenizer "
-                         f"{tok.vocab_size} tokens; use the matching --tokenizer (or --reward_format ultrarm "
-                         "for a reward model with its own tokenizer)")
-    return model
+    """A sharded model (fsdp.load_model) whose embeddings cover `tok`'s ids."""
+    return fsdp.load_model(path, ctx, fsdp.compute_dtype(cfg.dtype, ctx.device), trainable, cls,
+                           cfg.activation_checkpointing, tok.vocab_size if tok else 0, "--" + flag)
 
 
 def read_data(cfg: Config, reader, encode, ctx: Dist, what: str, held_out: bool = True):
@@ -202,7 +186,8 @@ def read_data(cfg: Config, reader, encode, ctx: Dist, what: str, held_out: bool 
     records = reader(cfg.data)
     records = data.split_records(records, (2, 4, 4), cfg.data_seed)[SPLITS.index(cfg.split)] if cfg.split else records
     held = (reader(cfg.eval_data)[:cfg.eval_size] if cfg.eval_data else records[-cfg.eval_size:]) if held_out else []
-    (train, counts), (held, _) = encode(records[:-cfg.eval_size] if held_out and not cfg.eval_data else records), encode(held)
+    train, counts = encode(records[:-cfg.eval_size] if held_out and not cfg.eval_data else records)
+    held = encode(held)[0]
     log(ctx, f"[data] {cfg.data}: {len(train)} train / {len(held)} eval {what}, {counts}")
     if len(train) < cfg.batch_size:
         raise ValueError(f"--data {cfg.data}: {len(train)} {what}" + (f" left after holding out --eval_size "
@@ -215,36 +200,23 @@ def read_data(cfg: Config, reader, encode, ctx: Dist, what: str, held_out: bool 
     return train, held[ctx.rank * n:(ctx.rank + 1) * n]
 
 
-SPLITS = ("sft", "rm", "remax")
-
-
-def make_optimizer(model, cfg: Config, lr: float | None = None):
-    # No weight decay on norms (1-D), as the official code's get_optimizer_grouped_parameters.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr or cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True)
-
-
 def lr_at(step: int, cfg: Config, total: int) -> float:
     """Linear warmup, then cosine decay to 0 over the run (the official scripts: cosine, no warmup)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))))
 
 
 # --------------------------------------------------------------------------- step 1: SFT
 
 def train_sft(cfg: Config, ctx: Dist) -> Path:
     """Step 1: maximise log pi(response | prompt) on demonstrations (loss on response tokens and EOS only)."""
-    fsdp.start_run(Path(cfg.out_dir), asdict(cfg), cfg.resume, ctx, cfg.stage)
-    tok = tokenizer(cfg)
+    tok = start(cfg, ctx)
     enc = partial(data.encode_sft, tok, fmt=cfg.prompt_format, max_prompt_len=cfg.max_prompt_len,
                   max_response_len=cfg.max_len - cfg.max_prompt_len, overlong=cfg.overlong)
     examples, _ = read_data(cfg, data.read_sft, enc, ctx, "sft examples", held_out=False)
     model = load(cfg.policy, cfg, ctx, True, tok=tok)
-    opt = make_optimizer(model, cfg)
+    opt = fsdp.adamw(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
 
     def step_fn(batch, update):
         tokens, mask, loss_mask = data.sft_batch([examples[i] for i in batch], tok.pad, ctx.device)
@@ -263,16 +235,16 @@ def train_sft(cfg: Config, ctx: Dist) -> Path:
 
 def train_rm(cfg: Config, ctx: Dist) -> Path:
     """Step 2: a reward model initialised from --policy, trained with the Bradley-Terry loss on preference pairs."""
-    out = fsdp.start_run(Path(cfg.out_dir), asdict(cfg), cfg.resume, ctx, cfg.stage)
-    tok = tokenizer(cfg)
+    out, tok = Path(cfg.out_dir), start(cfg, ctx)
     enc = partial(data.encode_preferences, tok, fmt=cfg.prompt_format, max_prompt_len=cfg.max_prompt_len,
                   max_response_len=cfg.max_len - cfg.max_prompt_len, overlong=cfg.overlong)
     examples, held = read_data(cfg, data.read_preferences, enc, ctx, "pairs")
     # The paper's step 2 starts the RM from the SFT model: written once as an RM folder, then loaded sharded.
-    on_rank0(ctx, lambda: RewardModel.init_from_policy(Transformer.from_pretrained(cfg.policy)).save_pretrained(out / "init"))
+    init = lambda: RewardModel.init_from_policy(Transformer.from_pretrained(cfg.policy)).save_pretrained(out / "init")
+    on_rank0(ctx, init)
     model = load(out / "init", cfg, ctx, True, RewardModel, tok)
-    on_rank0(ctx, lambda: shutil.rmtree(out / "init"))            # read: a full fp32 copy (~28 GB at 7B) no longer needed
-    opt = make_optimizer(model, cfg)
+    on_rank0(ctx, lambda: shutil.rmtree(out / "init"))            # read: a full fp32 copy (28 GB at 7B) not needed now
+    opt = fsdp.adamw(model, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
 
     def scores(pairs):
         r = model(*data.preference_batch(pairs, tok.pad, ctx.device))
@@ -288,18 +260,16 @@ def train_rm(cfg: Config, ctx: Dist) -> Path:
     @torch.no_grad()
     def held_out_accuracy():
         return ctx.mean({"accuracy": bradley_terry_loss(*scores(held))[1].item()})
-    loop(cfg, ctx, "rm", len(examples), step_fn, {"model": (model, opt)}, tok, held_out_accuracy, show=("loss", "accuracy"))
+    loop(cfg, ctx, "rm", len(examples), step_fn, {"model": (model, opt)}, tok, held_out_accuracy, show=("loss",))
     return out / "final"
 
 
 # --------------------------------------------------------------------------- step 3: ReMax (or PPO)
 
 def train_remax(cfg: Config, ctx: Dist, reward_fn=None) -> dict:
-    """Step 3: one optimizer step per freshly generated batch (on-policy, as official): remax.remax_step,
-    Algorithm 1 lines 3-7, or ppo.ppo_iteration with the same call shape. reward_fn: any reward.py
-    callable; default --reward_fn or --reward_model. Returns the evaluations before and after training."""
-    fsdp.start_run(Path(cfg.out_dir), asdict(cfg), cfg.resume, ctx, cfg.stage)
-    tok = tokenizer(cfg)
+    """Step 3: remax.remax_step (Algorithm 1 lines 3-7), or ppo.ppo_iteration, once per fresh batch of prompts.
+    reward_fn: a reward.py callable, default --reward_fn or --reward_model. Returns the evaluations before and after."""
+    tok = start(cfg, ctx)
     enc = partial(data.encode_prompts, tok, fmt=cfg.prompt_format, max_len=cfg.max_prompt_len, overlong=cfg.overlong)
     prompts, eval_prompts = read_data(cfg, data.read_prompts, enc, ctx, "prompts")
     if reward_fn is None and not cfg.reward_fn and cfg.reward_format == "ultrarm":   # all prompts, before any model
@@ -308,45 +278,35 @@ def train_remax(cfg: Config, ctx: Dist, reward_fn=None) -> dict:
     reward_fn = reward_fn or make_reward(cfg, ctx, tok)
     policy = load(cfg.policy, cfg, ctx, True, tok=tok)
     ref = load(cfg.policy, cfg, ctx, False)                       # pi_ref: the frozen SFT init
-    opt = make_optimizer(policy, cfg)
+    opt = fsdp.adamw(policy, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
     trained, lr_scale = {"model": (policy, opt)}, {}
     if cfg.algo == "ppo":                     # the paper's comparison: a critic initialised from the RM
-        critic = load(cfg.critic or cfg.reward_model, cfg, ctx, True, ppo.Critic, tok, "critic" if cfg.critic else "reward_model")
-        trained["critic"] = critic, make_optimizer(critic, cfg, cfg.critic_lr)
-        lr_scale[trained["critic"][1]] = cfg.critic_lr / cfg.lr
+        flag = "critic" if cfg.critic else "reward_model"
+        critic = load(getattr(cfg, flag), cfg, ctx, True, ppo.Critic, tok, flag)
+        critic_opt = fsdp.adamw(critic, cfg.critic_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+        trained["critic"], lr_scale[critic_opt] = (critic, critic_opt), cfg.critic_lr / cfg.lr
         kl_ctl = 0.1 if cfg.beta is None else cfg.beta                                 # DS-Chat's kl_ctl
-        algo_step = partial(ppo.ppo_iteration, critic=critic, critic_optimizer=trained["critic"][1], kl_ctl=kl_ctl)
-        log(ctx, f"[ppo] kl_ctl {kl_ctl}, critic_lr {cfg.critic_lr}")
+        algo_step = partial(ppo.ppo_iteration, critic=critic, critic_optimizer=critic_opt, kl_ctl=kl_ctl)
     else:
         algo_step = partial(remax.remax_step, loss_opts=remax_options(cfg), baseline=cfg.baseline)
-        log(ctx, f"[remax] options {remax_options(cfg)}")
+    log(ctx, f"[{cfg.algo}] {algo_step.keywords}")
     gen = torch.Generator(ctx.device).manual_seed(cfg.seed)
     top_p = cfg.top_p if cfg.top_p is not None else remax.PRESET_TOP_P[cfg.preset]
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=top_p, top_k=cfg.top_k,
-                    pad_id=tok.pad, generator=gen, row_offset=ctx.split(cfg.batch_size).start, total_rows=cfg.batch_size)
-    t_gen = [0.0]
-
-    @contextmanager
-    def timed_gather(model):                  # the rollout (generation and scoring) on the gathered policy
-        t = time.perf_counter()
-        with fsdp.gathered(model) as m:
-            yield m
-        t_gen[0] = time.perf_counter() - t
+                    pad_id=tok.pad, generator=gen, row_offset=ctx.split(cfg.batch_size).start,
+                    total_rows=cfg.batch_size)
+    seconds = {}                              # how long the rollout (generation and scoring) held the policy gathered
+    gather = partial(fsdp.gathered, seconds=seconds)
 
     def step_fn(batch, update):
         t0 = time.perf_counter()
         prompt, prompt_mask = data.left_pad([prompts[i] for i in batch], tok.pad, ctx.device)
-        stats, rows = algo_step(policy, ref, reward_fn, prompt, prompt_mask, opt, update, gather=timed_gather, **sampling)
-        row = ctx.mean({k: math.nan if v is None else float(v) for k, v in stats.items()})
-        row.update(evaluate.batch_stats(rows, ctx), grad_norm=stats["grad_norm"])
-        if stats["grad_norm"] is None:
-            ok = torch.isfinite(rows["reward"]) & torch.isfinite(rows.get("baseline", rows["reward"]))
-            row["bad_prompts"] = evaluate.bad_prompts(~ok, batch, ctx)
-        dt = time.perf_counter() - t0
-        return row | dict(t_gen=t_gen[0], t_train=dt - t_gen[0], tokens_per_s=ctx.sum(float(rows["length"].sum())) / dt,
-                          peak_mem_gb=fsdp.peak_memory_gb(ctx.device))
+        stats, rows = algo_step(policy, ref, reward_fn, prompt, prompt_mask, opt, update, gather=gather, **sampling)
+        dt, t_gen = time.perf_counter() - t0, seconds["gathered"]
+        return metrics.step_row(stats, rows, batch, ctx) | dict(t_gen=t_gen, t_train=dt - t_gen, tokens_per_s=ctx.sum(
+            float(rows["length"].sum())) / dt, peak_mem_gb=fsdp.peak_memory_gb(ctx.device))
 
-    held_out = partial(evaluate.eval_policy, policy, ref, reward_fn, eval_prompts, ctx, pad_id=tok.pad,
+    held_out = partial(metrics.eval_policy, policy, ref, reward_fn, eval_prompts, ctx, pad_id=tok.pad,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=top_p, top_k=cfg.top_k,
                        seed=cfg.seed + 1, gold=data.gold_score if cfg.gold == "synthetic" else None, tok=tok)
     return loop(cfg, ctx, cfg.algo, len(prompts), step_fn, trained, tok, held_out, lr_scale, gen, rl=True,
@@ -357,10 +317,9 @@ def make_reward(cfg: Config, ctx: Dist, tok: Tokenizer):
     """r(x, a) on the policy's tokens (reward.py): --reward_fn, or the reward model at --reward_model."""
     if cfg.reward_fn:
         return TextReward.from_file(cfg.reward_fn, tok)
-    if cfg.reward_format == "same":
-        return ModelReward(load(cfg.reward_model, cfg, ctx, False, RewardModel, tok, "reward_model"))
-    rm = load(cfg.reward_model, cfg, ctx, False, RewardModel)
-    return RetokenizedReward(rm, Tokenizer(cfg.reward_model), tok, mistral_to_ultrarm)
+    same = cfg.reward_format == "same"        # ultrarm: the RM reads its own tokens, so any vocabulary size
+    rm = load(cfg.reward_model, cfg, ctx, False, RewardModel, tok if same else None, "reward_model")
+    return ModelReward(rm) if same else RetokenizedReward(rm, Tokenizer(cfg.reward_model), tok, mistral_to_ultrarm)
 
 
 # --------------------------------------------------------------------------- the loop the three steps share
@@ -371,16 +330,14 @@ def loop(cfg: Config, ctx: Dist, name: str, n: int, step_fn, trained: dict, tok,
     --eval_every steps and at the end, checkpoints every --save_every steps (with `gen`, the sampling RNG),
     the final export. RL runs also evaluate before training, keep the best sampled eval reward in
     <out_dir>/best (official) and stop at --target_kl. Returns the evaluations before and after."""
-    out, model = Path(cfg.out_dir), trained["model"][0]
-    gen = gen or torch.Generator().manual_seed(cfg.seed)
+    out, model, gen = Path(cfg.out_dir), trained["model"][0], gen or torch.Generator().manual_seed(cfg.seed)
     total = cfg.max_steps or n // cfg.batch_size * cfg.epochs
     resumed = fsdp.load_checkpoint(out / "checkpoints", trained, gen, ctx) if cfg.resume else {"step": 0}
     start, best, bad, ev = resumed["step"], resumed.get("best", -math.inf), 0, None
-    metrics = fsdp.Metrics(out / "metrics.jsonl", ctx, start)
+    log_file = metrics.Metrics(out / "metrics.jsonl", ctx, start)
     log(ctx, f"[{name}] {n} examples, {total} steps of {cfg.batch_size}")
-    first = evaluate() if rl and start == 0 else None
-    if first:
-        metrics.write({"step": 0, **{f"eval/{k}": v for k, v in first.items()}})
+    if first := (evaluate() if rl and start == 0 else None):
+        log_file.write({"step": 0, **{f"eval/{k}": v for k, v in first.items()}})
         log(ctx, f"[{name}] before: " + fmt(first))
     for step in range(start, total):
         t0, lr = time.perf_counter(), lr_at(step, cfg, total)
@@ -389,8 +346,8 @@ def loop(cfg: Config, ctx: Dist, name: str, n: int, step_fn, trained: dict, tok,
         row.update(step=step + 1, lr=lr, skipped=row["grad_norm"] is None, seconds=time.perf_counter() - t0)
         bad = bad + 1 if row["skipped"] else 0
         if row["skipped"]:
-            log(ctx, f"[{name}] step {step + 1}: non-finite reward, loss or grad norm"
-                     + (f" (prompts {row['bad_prompts']})" if "bad_prompts" in row else "") + f", skipped ({bad} in a row)")
+            log(ctx, f"[{name}] step {step + 1}: non-finite reward, loss or grad norm (prompts "
+                     f"{row.get('bad_prompts', '?')}), skipped ({bad} in a row)")
         if evaluate and ((step + 1) % max(1, cfg.eval_every or total) == 0 or step + 1 == total):
             ev = evaluate()
             row.update({f"eval/{k}": v for k, v in ev.items()})
@@ -398,9 +355,9 @@ def loop(cfg: Config, ctx: Dist, name: str, n: int, step_fn, trained: dict, tok,
             if rl and ev["reward_sampled"] > best:               # official: the best sampled eval reward
                 best = ev["reward_sampled"]
                 fsdp.export(model, out / "best", ctx, tok)
-        metrics.write(row)
+        log_file.write(row)
         if step % 10 == 0 or step + 1 == total:
-            log(ctx, f"[{name}] step {step + 1}/{total} " + fmt({k: row.get(k) for k in show}) + f" {row['seconds']:.2f}s")
+            log(ctx, f"[{name}] step {step + 1}/{total} {fmt({k: row.get(k) for k in show})} {row['seconds']:.2f}s")
         if rl and cfg.target_kl and "eval/kl_exact" in row and ev["kl_exact"] >= cfg.target_kl:
             log(ctx, f"[{name}] eval kl_exact {ev['kl_exact']:.3f} reached --target_kl {cfg.target_kl}: stopping")
             break
@@ -408,11 +365,10 @@ def loop(cfg: Config, ctx: Dist, name: str, n: int, step_fn, trained: dict, tok,
             raise SystemExit(f"[{name}] {bad} consecutive non-finite steps (--max_bad_steps {cfg.max_bad_steps}): "
                              "stopping; check the data or the reward, and lower --lr")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            fsdp.save_checkpoint(out / "checkpoints", trained, step + 1, gen, ctx, {"best": best, "config": asdict(cfg)})
+            fsdp.save_checkpoint(out / "checkpoints", trained, step + 1, gen, ctx, dict(best=best, config=asdict(cfg)))
     fsdp.export(model, out / "final", ctx, tok)
-    metrics.plot()
-    log(ctx, f"[{name}] wrote {out / 'final'}" + (f" (best eval: {out / 'best'})" if rl else "")
-             + f", metrics {out / 'metrics.jsonl'}")
+    log_file.plot()
+    log(ctx, f"[{name}] wrote {out / 'final'}{' and best' if rl else ''}, metrics {out / 'metrics.jsonl'}")
     return {"before": first, "after": ev if ev is not None or not evaluate else evaluate()}
 
 
@@ -426,8 +382,7 @@ DEMO_MODEL = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hi
                   bos_id=1, eos_id=2, pad_id=0)
 # The demo's three stages (python train.py); `bench.py curves` reuses DEMO_COMMON and DEMO_REMAX.
 DEMO_COMMON = dict(max_prompt_len=16, max_len=32, prompt_format="chat", weight_decay=0.0, eval_size=64)
-# SFT must learn which letter comes next (not only the first), or neither the RM initialised from it
-# nor RL can tell right letters from wrong ones; batches of 64 cost little more per step than 32 on a CPU.
+# SFT must learn which letter comes next, or neither the RM made from it nor RL can tell right letters from wrong.
 DEMO_SFT = dict(lr=4e-3, batch_size=64, epochs=3, warmup_steps=10)
 DEMO_RM = dict(lr=2e-3, batch_size=64, epochs=2, warmup_steps=10)
 DEMO_REMAX = dict(lr=2e-4, batch_size=32, max_steps=60, eval_every=20, max_new_tokens=12, top_p=1.0, beta=0.05,
@@ -442,8 +397,7 @@ def demo(cfg: Config, ctx: Dist):
     --lr, --max_steps, --preset, --baseline and --algo apply to step 3; --seed, --out_dir, --device to all.
     """
     root = Path(cfg.out_dir if cfg.out_dir != Config.out_dir else "out/demo")
-    files = {k: root / "data" / v for k, v in
-             {"sft": "sft.jsonl", "rm": "preferences.jsonl", "remax": "prompts.jsonl", "eval": "eval_prompts.jsonl"}.items()}
+    files = {k: root / "data" / name for k, name in data.SYNTHETIC_FILES.items()}
     if ctx.rank == 0:
         data.write_synthetic_jsonl(root / "data", seed=cfg.seed)
         tok_dir = data.write_char_tokenizer(root / "tokenizer")
@@ -466,17 +420,16 @@ def demo(cfg: Config, ctx: Dist):
         print("\n            RM score (greedy)   gold score (greedy)   KL to SFT")
         for name, r in (("SFT", result["before"]), ("PPO" if cfg.algo == "ppo" else "ReMax", result["after"])):
             print(f"{name:12}{r['reward_greedy']:8.3f}          {r['gold_greedy']:8.3f}              {r['kl']:.3f}")
-        print(f"\nmetrics: {root}/{{sft,rm,remax}}/metrics.jsonl; checkpoints (HF layout): {root}/{{sft,rm,remax}}/final")
+        print(f"\nmetrics: {root}/{{sft,rm,remax}}/metrics.jsonl; HF checkpoints: {root}/{{sft,rm,remax}}/final")
     return result
 
 
 def show_samples(sft_path: Path, remax_path: Path, eval_file: Path, n: int = 5):
     tok, records = Tokenizer(sft_path), data.read_prompts(eval_file)[:n]
     prompt, mask = data.left_pad(data.encode_prompts(tok, records, "chat", 16)[0], tok.pad_id)
-    answers = []
-    for path in (sft_path, remax_path):
-        resp, rmask = generate(Transformer.from_pretrained(path).eval(), prompt, mask, 12, temperature=0.0)
-        answers.append(tok.decode_batch(r[m].tolist() for r, m in zip(resp, rmask)))
+    answers = [tok.decode_batch(r[m].tolist() for r, m in zip(*generate(Transformer.from_pretrained(path).eval(),
+                                                                         prompt, mask, 12, temperature=0.0)))
+               for path in (sft_path, remax_path)]
     print("\nprompt     SFT answer (gold)        ReMax answer (gold)")
     for x, a, b in zip((r["messages"][0]["content"] for r in records), *answers):
         print(f"{x:10s} {a:12s} ({data.gold_score(x, a):.2f})     {b:12s} ({data.gold_score(x, b):.2f})")
@@ -486,31 +439,12 @@ def main(argv=None):
     cfg = parse_args(argv)
     validate(cfg)
     ctx = Dist(cfg.device)
-    try:
+    with fsdp.one_line_errors(ctx, "train.py", "lower --batch_size or --max_new_tokens, add "
+                              "--activation_checkpointing, or use more GPUs (FSDP shards weights and optimizer state)"):
         if cfg.stage != "demo":
             ctx.split(cfg.batch_size)                   # before any model is read, not at the first step
         {"demo": demo, "sft": train_sft, "rm": train_rm, "remax": train_remax}[cfg.stage](cfg, ctx)
-    except torch.OutOfMemoryError:
-        raise SystemExit(f"train.py: out of memory on rank {ctx.rank} ({ctx.device}): lower --batch_size or "
-                         "--max_new_tokens, add --activation_checkpointing, or use more GPUs (FSDP shards "
-                         "weights and optimizer state)") from None
-    except (ValueError, OSError) as e:                       # bad input: one line, no traceback
-        raise SystemExit(f"train.py: {e}") from None
-    except fsdp.Rank0Failed as e:
-        raise SystemExit(f"train.py: rank {ctx.rank}: {e}") from None
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        code = 0
-    except SystemExit as e:                                  # a bad-input line (or argparse's usage / --help)
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    # Everything is written, renamed and closed. Skip interpreter teardown: PyTorch's distributed C++ threads
-    # can race it and abort the process ("terminate called without an active exception", pytorch#190489).
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code)
+    fsdp.run_main(main)

@@ -1,14 +1,19 @@
-"""The metrics a run logs, over all ranks: held-out evaluation of the policy (the official code's: rewards of
-sampled and greedy responses, KL to the reference, exact per-token KL) and statistics of a training batch.
+"""The metrics a run logs: held-out evaluation of the policy (the official code's: rewards of sampled and
+greedy responses, KL to the reference, exact per-token KL), statistics of a training batch, and the
+metrics.jsonl file (one JSON line per step, strict JSON) with its optional plot.
 
 A mean over ranks of each rank's own std or token mean is not the whole batch's; these gather per-response
 values, or sum numerators and denominators, so a metric is the same with 1 or 8 ranks.
 """
+import json
+import math
+from pathlib import Path
+
 import torch
 
 import data
 import remax
-from fsdp import Dist, gathered
+from fsdp import Dist, atomic_write, gathered, json_or_none
 from model import generate, positions_from_mask, response_logprobs
 
 
@@ -22,6 +27,17 @@ def batch_stats(rows: dict, ctx: Dist) -> dict:
         stats.update(baseline_std=g["baseline"].std(correction=0).item(),
                      advantage_std=(g["reward"] - g["baseline"]).std(correction=0).item())
     return stats
+
+
+def step_row(stats: dict, rows: dict, batch, ctx: Dist) -> dict:
+    """An RL step's metrics: its own stats averaged over ranks (each rank holds as many responses), the batch
+    statistics, and for a skipped step the --data indices of the prompts whose reward was not finite."""
+    row = ctx.mean({k: math.nan if v is None else float(v) for k, v in stats.items()})
+    row.update(batch_stats(rows, ctx), grad_norm=stats["grad_norm"])
+    if stats["grad_norm"] is None:
+        ok = torch.isfinite(rows["reward"]) & torch.isfinite(rows.get("baseline", rows["reward"]))
+        row["bad_prompts"] = bad_prompts(~ok, batch, ctx)
+    return row
 
 
 def bad_prompts(bad_rows, batch, ctx: Dist) -> list[int]:
@@ -74,3 +90,43 @@ def exact_kl_over_ranks(policy, ref, prompt, mask, resp, rmask, ctx: Dist, budge
         logits, ref_logits = (m(tokens[i], positions[i], joint[i])[:, P - 1:-1] for m in (policy, ref))
         total += remax.exact_kl(logits, ref_logits, rmask[i]).item() * rmask[i].sum().item()
     return ctx.sum(total) / max(1.0, ctx.sum(float(rmask.sum())))
+
+
+class Metrics:
+    """<out_dir>/metrics.jsonl: one JSON line per step (rank 0); on resume, lines past the restored step are dropped."""
+
+    def __init__(self, path: Path, ctx: Dist, start_step: int = 0):
+        self.path, self.on = path, ctx.rank == 0
+        if self.on and path.exists():
+            # Row k is logged after step k; a fresh run (start 0) starts the file anew.
+            keep = [l for l in map(json_or_none, path.read_text().splitlines()) if l and 0 < start_step >= l["step"]]
+            atomic_write(path, "".join(json.dumps(l) + "\n" for l in keep))
+
+    def write(self, row: dict):
+        if self.on:             # NaN / inf (a skipped step) as null: bare NaN is not JSON outside Python
+            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            with self.path.open("a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+
+    def plot(self, keys=("reward_mean", "baseline_mean", "kl", "eval/reward_greedy", "eval/kl")):
+        """metrics.png next to metrics.jsonl: reward and KL against steps, when matplotlib is installed (optional)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        if not self.on:
+            return
+        rows = [r for r in map(json_or_none, self.path.read_text().splitlines()) if r]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
+            if pts:
+                axes[int("kl" in k)].plot(*zip(*pts), label=k, marker="." if k.startswith("eval/") else None)
+        for ax, title in zip(axes, ("reward", "KL to the reference")):
+            ax.set(title=title, xlabel="step")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.path.with_suffix(".png"))
+        plt.close(fig)
