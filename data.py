@@ -5,9 +5,8 @@ Every reader returns the same records, whatever the JSONL layout:
     prompt      {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "source": "f.jsonl:7"}
     SFT         the same + "response": str
     preference  the same + "chosen": str, "rejected": str
-`messages` is the conversation up to the response (its last turn is the user's); `source` names the
-file and line for every later error. Responses are message contents: the single space that follows
-"Assistant:" in an HH transcript belongs to the HH format, not to the response.
+`messages` is the conversation up to the response (its last turn is the user's); `source` names the file
+and line for every later error. The space after "Assistant:" in HH text is the format's, not the response's.
 
 Prompt formats: "chat" renders the checkpoint's own chat_template (tokenizer_config.json) with jinja2
 exactly as transformers' apply_chat_template does, "hh" is Anthropic's "\\n\\nHuman: ...\\n\\nAssistant:"
@@ -191,26 +190,35 @@ def format_hh(messages: list[dict]) -> str:
     return "".join(names.get(m["role"], "") + m["content"] for m in messages) + HH_SPLIT
 
 
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
+class ChatTemplateError(ValueError):
+    """The checkpoint's chat_template itself is broken (not the conversation it was given)."""
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, source: str = "",
                          **special_tokens) -> str:
     """The checkpoint's chat_template rendered as transformers' apply_chat_template does: jinja2's
     ImmutableSandboxedEnvironment (templates are untrusted code), trim_blocks, lstrip_blocks, the
     loopcontrols extension, `raise_exception`, `strftime_now`, a non-escaping `tojson`, and the
     special-token strings (bos_token, eos_token, pad_token) as variables. Unsafe attribute access
-    (__class__, __globals__, ...) raises instead of rendering as an empty string; every failure is one
-    ValueError "chat_template: ...". Needs jinja2 >= 3.1.6."""
+    (__class__, __globals__, ...) raises. Every failure is one ValueError naming `source` and the line: a
+    ChatTemplateError if the template is broken, else its raise_exception refused the conversation."""
     try:
         import jinja2
     except ImportError:
-        raise ImportError("prompt format 'chat' renders the tokenizer's chat_template with jinja2: "
-                          "pip install 'jinja2>=3.1.6'") from None
+        raise ImportError("prompt format 'chat' renders chat_template with jinja2: pip install 'jinja2>=3.1.6'") from None
+    where = f"{source}: chat_template" if source else "chat_template"
     try:
         return _compile_template(template).render(messages=messages, tools=None, documents=None,
                                                   add_generation_prompt=add_generation_prompt, **special_tokens)
-    except jinja2.TemplateError as e:
-        raise ValueError(f"chat_template: {e}") from None
-    except Exception as e:                  # the template is untrusted code: any failure is the template's
-        raise ValueError(f"chat_template: {type(e).__name__}: {e}") from None
+    except ValueError as e:                 # its raise_exception refused these messages: the data's problem
+        raise ValueError(f"{where}: {e}") from None
+    except Exception as e:                  # the template is untrusted code: any other failure is the template's
+        tb, line = e.__traceback__, getattr(e, "lineno", None)
+        while tb:                           # jinja2 maps runtime errors to the template's own line
+            line = tb.tb_lineno if tb.tb_frame.f_code.co_filename == "<template>" else line
+            tb = tb.tb_next
+        kind = "" if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: "
+        raise ChatTemplateError(f"{where}{f' line {line}' if line else ''}: {kind}{e}") from None
 
 
 @lru_cache(maxsize=8)
@@ -222,7 +230,7 @@ def _compile_template(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
-        raise jinja2.TemplateError(message)
+        raise ValueError(message)
 
     class Sandbox(ImmutableSandboxedEnvironment):
         """Refuses unsafe attributes (__class__, __subclasses__, ...) outright: the stock sandbox renders
@@ -254,7 +262,8 @@ def format_prompt(messages: list[dict], fmt: str, tok) -> str:
     if fmt == "chat":
         special = {f"{n}_token": tok.decode([i], skip_special_tokens=False)
                    for n, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)) if i is not None}
-        return render_chat_template(tok.chat_template, messages, add_generation_prompt=True, **special)
+        return render_chat_template(tok.chat_template, messages, True, getattr(tok, "chat_template_source", ""),
+                                    **special)
     if fmt == "hh":
         return format_hh(messages)
     if len(messages) != 1:
@@ -292,7 +301,7 @@ def encode_preferences(tok, records, fmt="auto", max_prompt_len=256, max_respons
 
 
 def _encode(tok, records, keys, fmt, max_prompt_len, max_response_len, overlong):
-    if overlong not in ("truncate", "error", "reject"):
+    if overlong not in ("truncate", "error", "reject"):       # "reject": the older name of "error"
         raise ValueError(f"overlong: expected 'truncate' or 'error', got {overlong!r}")
     fmt = resolve_format(fmt, tok)
     if keys and tok.eos_id is None:
@@ -310,6 +319,8 @@ def _prompt_ids(tok, record, fmt, max_len, overlong, counts) -> tuple[list[int],
     where = record.get("source", "record")
     try:
         text = format_prompt(record["messages"], fmt, tok)
+    except ChatTemplateError:
+        raise                               # the checkpoint's template is broken, not this record
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     if not text.strip() or not any(m["content"].strip() for m in record["messages"]):
@@ -345,10 +356,6 @@ def left_pad(seqs, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor
     return _pad(seqs, pad_id, True, device)
 
 
-def right_pad(seqs, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _pad(seqs, pad_id, False, device)
-
-
 def _pad(seqs, pad_id, left, device):
     T = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -366,8 +373,8 @@ def sft_batch(examples, pad_id: int, device=None) -> tuple[torch.Tensor, torch.T
     loss_mask is True on the response tokens (EOS included): token t is predicted from the logits at
     t - 1, so the loss is -sum(logp(tokens[:, 1:]) * loss_mask[:, 1:]); the prompt is never trained on.
     """
-    tokens, mask = right_pad([p + r for p, r in examples], pad_id, device)
-    loss_mask, _ = right_pad([[0] * len(p) + [1] * len(r) for p, r in examples], 0, device)
+    tokens, mask = _pad([p + r for p, r in examples], pad_id, False, device)
+    loss_mask, _ = _pad([[0] * len(p) + [1] * len(r) for p, r in examples], 0, False, device)
     return tokens, mask, loss_mask.bool()
 
 
@@ -375,13 +382,7 @@ def preference_batch(examples, pad_id: int, device=None) -> tuple[torch.Tensor, 
     """(prompt, chosen, rejected) -> tokens [2B, T], mask [2B, T], right-padded: rows :B are the chosen
     sequences, rows B: the rejected ones, so the reward model scores both (at the last real token,
     the EOS) in one forward."""
-    return right_pad([p + c for p, c, _ in examples] + [p + r for p, _, r in examples], pad_id, device)
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    if n < batch_size:
-        raise ValueError(f"{n} examples are fewer than one batch of {batch_size}")
-    return n // batch_size
+    return _pad([p + c for p, c, _ in examples] + [p + r for p, _, r in examples], pad_id, False, device)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -392,9 +393,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, 
     examples of each epoch's permutation (a different random subset every epoch) are left out of that
     epoch: the caller logs n % batch_size.
     """
-    if batch_size % world:
-        raise ValueError(f"batch size {batch_size} must be divisible by the world size {world}")
-    epoch, i = divmod(step, steps_per_epoch(n, batch_size))
+    if batch_size % world or n < batch_size:
+        raise ValueError(f"batch size {batch_size} must be divisible by the world size {world}" if batch_size % world
+                         else f"{n} examples are fewer than one batch of {batch_size}")
+    epoch, i = divmod(step, n // batch_size)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     b = batch_size // world
     start = i * batch_size + rank * b
@@ -458,12 +460,10 @@ def synthetic_task(seed: int = 0, n_sft: int = 8000, n_pref: int = 10000, n_rl: 
     stops after each with probability DEMO_STOP and writes a wrong letter with probability DEMO_ERROR.
     Stopping is likelier than the right next letter, so the SFT policy knows the letters but its greedy
     answer is about one letter long: the room that RL has to improve. Preference pairs are, for a
-    share NEAR_MISSES, an answer like the demonstrator's (stop and error rates varied) and a near miss
-    of it (one letter added, dropped, replaced or inserted: the choices a policy that starts from SFT
-    faces), else two answers of a noisier sampler (also shuffled, repeated, over-long). The chosen one
-    is drawn by Bradley-Terry on gold with temperature PREFERENCE_TEMPERATURE, so the labels are noisy
-    and the reward model only approximates gold. The RL and eval prompts are distinct and never occur
-    in the SFT or preference data.
+    share NEAR_MISSES, an answer like the demonstrator's and a near miss of it (one letter added, dropped,
+    replaced or inserted: the choices a policy that starts from SFT faces), else two answers of a noisier
+    sampler. The chosen one is drawn by Bradley-Terry on gold at PREFERENCE_TEMPERATURE, so the labels are
+    noisy and the RM only approximates gold. RL and eval prompts never occur in SFT or preference data.
     """
     if n_rl + n_eval > 5000:
         raise ValueError(f"n_rl + n_eval = {n_rl + n_eval}: at most 5000 distinct held-out prompts (of 14756)")

@@ -607,10 +607,11 @@ class Tokenizer:
         self.tok = _Tok.from_file(str(path / "tokenizer.json"))
         cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
         model_cfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
-        template = cfg.get("chat_template")
+        template, self.chat_template_source = cfg.get("chat_template"), str(path / "tokenizer_config.json")
         if isinstance(template, list):
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template is None and (path / "chat_template.jinja").is_file():
+            self.chat_template_source = str(path / "chat_template.jinja")
             template = (path / "chat_template.jinja").read_text()
         self.chat_template = template
 

@@ -47,7 +47,7 @@ def vader(prompts: list[str], responses: list[str]) -> list[float]:
     return [_analyzer().polarity_scores(r)["compound"] for r in responses]
 
 
-def write_prompts(folder, seed: int = 0, n_eval: int = 32):
+def write_prompts(folder, seed: int = 2023, n_eval: int = 32):
     """Every template x subject as a prompt record, shuffled; the last n_eval in eval_prompts.jsonl."""
     texts = [t.format(s) for t in TEMPLATES for s in SUBJECTS]
     random.Random(seed).shuffle(texts)

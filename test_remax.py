@@ -825,8 +825,9 @@ def test_chat_template_renders_as_transformers_apply_chat_template(tmp_path, nam
 
 def test_chat_template_raise_exception_is_one_value_error_like_transformers(tmp_path):
     bad = [_data_user("a"), _data_user("b")]
-    with pytest.raises(ValueError, match=r"^chat_template: Conversation roles must alternate user/assistant"):
+    with pytest.raises(ValueError, match=r"^chat_template: Conversation roles must alternate user/assistant") as e:
         data.render_chat_template(LLAMA2, bad, bos_token="<s>", eos_token="</s>")
+    assert not isinstance(e.value, data.ChatTemplateError)             # the conversation's fault, not the template's
     transformers = pytest.importorskip("transformers")
     theirs = transformers.PreTrainedTokenizerFast.from_pretrained(data.write_char_tokenizer(tmp_path / "tok"))
     with pytest.raises(Exception, match="Conversation roles must alternate"):
@@ -844,17 +845,27 @@ def test_chat_template_raise_exception_is_one_value_error_like_transformers(tmp_
 ])
 def test_chat_template_sandbox_refuses_unsafe_code(template):
     messages = [_data_user("hi")]
-    with pytest.raises(ValueError, match=r"^chat_template: .*unsafe") as e:
+    with pytest.raises(data.ChatTemplateError, match=r"^chat_template( line 1)?: .*unsafe") as e:
         data.render_chat_template(template, messages)
     assert "\n" not in str(e.value)
     assert messages == [_data_user("hi")]
 
 
-def test_chat_template_errors_are_one_value_error():
-    with pytest.raises(ValueError, match=r"^chat_template: "):
-        data.render_chat_template("{% for %}", [_data_user("hi")])                   # syntax error
-    with pytest.raises(ValueError, match=r"^chat_template: TypeError: "):
-        data.render_chat_template("{{ messages[0]['content'] + 1 }}", [_data_user("hi")])
+def test_chat_template_errors_are_one_value_error_naming_the_template_file_and_line(tmp_path):
+    with pytest.raises(data.ChatTemplateError, match=r"^t.json: chat_template line 2: "):
+        data.render_chat_template("hi\n{% for %}", [_data_user("hi")], source="t.json")       # syntax error
+    with pytest.raises(data.ChatTemplateError, match=r"^chat_template line 3: TypeError: "):
+        data.render_chat_template("a\nb\n{{ messages[0]['content'] + 1 }}", [_data_user("hi")])
+    # Through the data path: a broken template names the checkpoint's file, not the data record; a template
+    # refusing a conversation (its raise_exception) names both.
+    tok = _data_char_tok(tmp_path / "a")
+    config = tmp_path / "a" / "tok" / "tokenizer_config.json"
+    records = [{"messages": [_data_user("abc")], "source": "p.jsonl:1"}]
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": "{{ bos_token }}\n{% if %}"}))
+    with pytest.raises(data.ChatTemplateError, match=rf"^{config}: chat_template line 2: "):
+        data.encode_prompts(Tokenizer(tmp_path / "a" / "tok"), records, "chat")
+    with pytest.raises(ValueError, match=rf"^p.jsonl:1: {tok.chat_template_source}: chat_template: only user"):
+        data.encode_prompts(tok, [{**records[0], "messages": [{"role": "system", "content": "s"}]}], "chat")
 
 
 def test_format_prompt_chat_hh_plain_and_auto(tmp_path):
@@ -955,8 +966,7 @@ def test_left_pad_sft_batch_and_preference_batch():
 
 def test_batch_indices_shard_by_rank_and_cover_each_epoch_once():
     n, B = 24, 6
-    steps = data.steps_per_epoch(n, B)
-    assert steps == 4
+    steps = n // B
     for step in range(2 * steps):
         one = data.batch_indices(n, B, step, seed=7)
         assert one.dtype == torch.long and len(one) == B
@@ -974,7 +984,7 @@ def test_batch_indices_shard_by_rank_and_cover_each_epoch_once():
     with pytest.raises(ValueError, match="batch size 6 must be divisible by the world size 4"):
         data.batch_indices(n, B, 0, 0, rank=0, world=4)
     with pytest.raises(ValueError, match="5 examples are fewer than one batch of 6"):
-        data.steps_per_epoch(5, 6)
+        data.batch_indices(5, 6, 0, 0)
 
 
 # --------------------------------------------------------------------------- 4. the paper's split
@@ -1667,6 +1677,62 @@ def _remax_rollout(baseline="greedy", seed=0, **kw):
     prompt, pmask = _remax_prompts()
     return rollout(_remax_policy(), prompt, pmask, _remax_reward, baseline=baseline, max_new_tokens=6,
                    generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_readme_quotes_remax_step_as_it_is():
+    import inspect
+    readme = (REPO / "README.md").read_text()
+    assert f"```python\n{inspect.getsource(remax.remax_step)}```" in readme
+
+
+def test_remax_step_is_rollout_then_remax_loss_then_one_update():
+    # Algorithm 1 lines 3-7 by hand on a copy of the same policy, same noise: the same stats and the same weights.
+    policy, ref = _remax_policy(), _remax_policy()
+    manual = copy.deepcopy(policy)
+    prompt, pmask = _remax_prompts()
+    sampling = dict(max_new_tokens=6, pad_id=0, top_p=1.0)
+    opt, opt_m = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (policy, manual))
+    seen = []
+
+    def update(model, optimizer, loss, token_mask):
+        seen.append(token_mask)
+        return ppo._update(model, optimizer, loss)
+    stats, rows = remax.remax_step(policy, ref, _remax_reward, prompt, pmask, opt, update, loss_opts=OFFICIAL,
+                                   generator=torch.Generator().manual_seed(0), **sampling)
+    ro = rollout(manual, prompt, pmask, _remax_reward, generator=torch.Generator().manual_seed(0), **sampling)
+    with torch.no_grad():
+        ref_logp, _ = M.response_logprobs(ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)
+    logp, entropy = M.response_logprobs(manual, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)
+    loss, want = remax_loss(logp, logp.detach(), ref_logp, ro.reward, ro.baseline, ro.response_mask, **OFFICIAL)
+    loss.backward()
+    opt_m.step()
+    assert stats["loss"] == loss.item() and stats["reward_mean"] == want["reward_mean"] and stats["grad_norm"] > 0
+    assert torch.equal(seen[0], ro.response_mask)                      # token_mean: the update gets the token mask
+    for a, b in zip(policy.parameters(), manual.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(rows["reward"], ro.reward) and torch.equal(rows["baseline"], ro.baseline)
+    assert rows["kl"].sum().item() == pytest.approx(0.0, abs=1e-6) and torch.equal(rows["length"], ro.response_mask.sum(-1))
+    assert rows["entropy"].sum().item() == pytest.approx((entropy * ro.response_mask).sum().item(), rel=1e-6)
+    # A non-finite reward is not clipped into a finite signal: the loss is NaN, so the caller skips the step.
+    nan_reward = lambda *a: torch.where(torch.arange(6) == 1, torch.inf, _remax_reward(*a))
+    stats, _ = remax.remax_step(policy, ref, nan_reward, prompt, pmask, opt, lambda m, o, l, t: (None, l.item()),
+                                loss_opts=OFFICIAL, generator=torch.Generator().manual_seed(0), **sampling)
+    assert math.isnan(stats["loss"])
+
+
+def test_no_import_circle_among_the_top_level_files():
+    import ast
+    files = {p.stem: p for p in REPO.glob("*.py") if not p.stem.startswith("test_")}
+    imports = {name: {a.name.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                      for a in getattr(node, "names", []) if isinstance(node, ast.Import)} |
+                     {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                      if isinstance(node, ast.ImportFrom) and node.module}
+               for name, path in files.items()}
+    graph = {k: v & set(files) for k, v in imports.items()}
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
+    assert not [f for f in graph if reaches(f, f)], graph
 
 
 def test_rollout_samples_with_the_top_p_and_top_k_it_is_given():
