@@ -1,5 +1,5 @@
 """Distributed plumbing, nothing of ReMax: ranks, FSDP2 sharding and loading, the gathered policy for a
-rollout, the optimizer step, export, DCP checkpoints read safely, run folders, files written atomically.
+rollout, the optimizer step, export, DCP checkpoints read safely, files written atomically.
 
 The FSDP2 recipe is torchtitan's (torch >= 2.6): a process group and a 1-D device mesh; build the model on
 the meta device; `fully_shard` every transformer block, then the root; materialise with `to_empty`; rank 0
@@ -11,11 +11,11 @@ full state dict and rank 0 writes a Hugging Face folder. A plain `python train.p
 same code path, on an in-memory store.
 """
 import json
+import logging
 import math
 import os
 import pickle
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,13 +23,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException      # a BaseException: each rank's read errors
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+                                                     set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from model import Tokenizer, Transformer, read_config
+from model import Tokenizer, Transformer, checkpoint_index, read_config, read_json, read_tensors
+from reward import HEADS
 
 
 class Dist:
@@ -121,9 +123,7 @@ def shard(model, blocks, mesh, dtype: torch.dtype, trainable: bool):
 
 def load_model(path, ctx: Dist, dtype: torch.dtype, trainable: bool, cls=Transformer, activation_checkpointing=False,
                vocab_size: int = 0, flag: str = "--policy"):
-    """Build on the meta device, shard, then rank 0 reads the checkpoint and broadcasts the shards.
-
-    Only rank 0 holds a full copy (in host memory), so 8 ranks need not 8x the host memory. Trained
+    """Build on the meta device, shard, then stream the checkpoint into the shards (load_weights). Trained
     models hold fp32 master weights, frozen ones `dtype`. vocab_size: the tokenizer's, which the
     embeddings must cover (a larger id would be a device-side assert on a GPU, not an error message).
     """
@@ -136,27 +136,55 @@ def load_model(path, ctx: Dist, dtype: torch.dtype, trainable: bool, cls=Transfo
     with torch.device("meta"):
         model = cls(config)
     backbone = model if isinstance(model, Transformer) else model.model       # a reward model or critic
-    state = on_rank0(ctx, lambda: cls.from_pretrained(path).state_dict()) or {}
     model.to(torch.float32 if trainable else dtype)
     shard(model, backbone.layers, ctx.mesh, dtype, trainable)
     model.to_empty(device=ctx.device)
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    load_weights(model, path, ctx)
     backbone.reset_rope()
     backbone.activation_checkpointing = trainable and activation_checkpointing
     if not trainable:
         model.eval().requires_grad_(False)
+        # FSDP2 keeps a root's parameters (embeddings, lm_head) gathered after its forward, for the backward that
+        # follows; a frozen model has none, and would hold them for the rest of the run (0.8 GB a rank at 7B).
+        model.register_forward_hook(lambda module, *_: module.reshard())
     return model
 
 
-def export(model, path, ctx: Dist, tokenizer: Tokenizer | None = None):
-    """Gather the full weights (all ranks take part) and let rank 0 write a transformers-loadable folder."""
+def load_weights(model, path, ctx: Dist):
+    """Rank 0 reads the checkpoint one tensor at a time (model.read_tensors, memory-mapped) and broadcasts it
+    in the shard's dtype; each rank copies its own rows into its shard. Rank 0's host memory so peaks near one
+    tensor plus its shard, where building the whole model in fp32 first took ~3x the bf16 file (50 GB at 7B)."""
+    params = dict(model.named_parameters())                   # a tied lm_head is listed once, as embed_tokens
+    names = {k: k.removeprefix("model.") for k in params}     # reward models and critics: HF's names
+
+    def index():
+        type(model).from_pretrained(path, device="meta")      # the class's own checks, from the headers only
+        if not isinstance(model, Transformer):                 # UltraRM names its head regression_head
+            arch = (read_json(Path(path) / "config.json").get("architectures") or ["LlamaForSequenceClassification"])[0]
+            names["score.weight"] = HEADS[arch]
+        return checkpoint_index(path, {names[k]: p.shape for k, p in params.items()})
+    where = on_rank0(ctx, index)
+    with torch.no_grad():
+        for k, p in params.items():
+            full = read_tensors(*where[names[k]]) if ctx.rank == 0 else None
+            if ctx.world > 1:
+                full = full.to(ctx.device, p.dtype) if ctx.rank == 0 else \
+                    torch.empty(p.shape, dtype=p.dtype, device=ctx.device)
+                dist.broadcast(full, src=0)
+            local, rows = p.to_local(), -(-p.shape[0] // ctx.world)     # FSDP2 shards dim 0 as torch.chunk does
+            local.copy_(full[ctx.rank * rows:ctx.rank * rows + local.shape[0]])
+
+
+def export(model, path, ctx: Dist, tokenizer: Tokenizer | None = None, extra_files=()):
+    """Gather the full weights (all ranks take part) and let rank 0 write a transformers-loadable folder, with
+    the tokenizer's files and extra_files (e.g. the source's generation_config.json: its sampling defaults)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if model.config.pad_id is None and tokenizer and tokenizer.pad_id not in (None, tokenizer.eos_id):
         # transformers' *ForSequenceClassification scores batches only with a pad id, at the last non-pad
         # token: the tokenizer's own pad is safe there (an EOS used as pad would move the score off the EOS).
         model.config.pad_id = tokenizer.pad_id
-    on_rank0(ctx, lambda: model.save_pretrained(path, state_dict=state,
-                                                extra_files=tokenizer.files() if tokenizer else ()))
+    files = [*(tokenizer.files() if tokenizer else ()), *extra_files]
+    on_rank0(ctx, lambda: model.save_pretrained(path, state_dict=state, extra_files=files))
 
 
 @contextmanager
@@ -187,6 +215,13 @@ def adamw(model, lr: float, weight_decay: float, betas: tuple) -> torch.optim.Ad
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+
+
+def cosine_lr(step: int, total: int, lr: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 0 over the run (the official scripts: cosine, no warmup)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def make_update(ctx: Dist, lr: float, grad_clip: float, lr_scale: dict | None = None):
@@ -281,49 +316,53 @@ class SafePlanner(DefaultLoadPlanner):
 
 
 def load_checkpoint(root: Path, trained: dict, gen: torch.Generator, ctx: Dist) -> dict:
-    """Restore the newest complete checkpoint; returns its meta.json ({"step": 0} if none).
+    """Restore the newest complete checkpoint that reads back; returns its meta.json ({"step": 0} if none).
 
     Complete = renamed from its temp folder (meta.json is written before the rename), so even a kill
-    between the rename and the `latest` update resumes from the newest one.
+    between the rename and the `latest` update resumes from the newest one. One that does not read back
+    (truncated, tampered) is skipped with a warning for the one before it: the newest two are kept for this.
     """
     done = sorted(root.glob("step_*/meta.json"))
     if not done:
         log(ctx, f"[resume] no checkpoint under {root}: starting at step 0")
         return {"step": 0}
-    path = done[-1].parent
-    state = _train_state(trained, gen)
-    dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner())
-    for name, (model, opt) in trained.items():
-        set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
-    gen.set_state(state["rng"])
-    meta = json.loads((path / "meta.json").read_text())
-    log(ctx, f"[resume] from {path}: continuing after step {meta['step']}")
-    return meta
+    for path in reversed([m.parent for m in done]):
+        state = _train_state(trained, gen)
+        try:                            # every rank raises together: DCP gathers each rank's read errors
+            logging.disable(logging.ERROR)              # DCP logs its own tracebacks; the warning below says it
+            dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner())
+            meta = json.loads((path / "meta.json").read_text())
+        except (Exception, CheckpointException) as e:    # unreadable for whatever reason: the previous may be fine
+            e = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e   # (error, stack)
+            log(ctx, f"[resume] warning: skipping {path}, which does not read back ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:300]})")
+            continue
+        finally:
+            logging.disable(logging.NOTSET)
+        for name, (model, opt) in trained.items():
+            set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
+        gen.set_state(state["rng"])
+        log(ctx, f"[resume] from {path}: continuing after step {meta['step']}")
+        return meta
+    raise ValueError(f"--resume: no checkpoint under {root} reads back (each is named above); start a fresh run "
+                     "in another --out_dir")
+
+
+def check_run(root: Path, run: dict):
+    """Refuse to resume from another run's checkpoints: a checkpoint's meta.json holds the `run` that wrote it
+    (stage, algorithm, models and data by content, every flag that changes what a step does)."""
+    metas = [m for m in map(lambda p: json_or_none(p.read_text()), sorted(root.glob("step_*/meta.json"))) if m]
+    if not metas:
+        return
+    old = metas[-1].get("run", {})
+    diff = [f"--{k} {old.get(k, '?')} -> {v}" if not str(v).startswith("sha256:") else f"--{k} (another file)"
+            for k, v in run.items() if old.get(k) != v]
+    if diff:
+        raise ValueError(f"--resume: the checkpoints in {root} were written by another run ({', '.join(diff)}); "
+                         "resume with the same settings, or start afresh in another --out_dir")
 
 
 # --------------------------------------------------------------------------- run folders and files
-
-def start_run(out: Path, config: dict, resume: bool, ctx: Dist, tag: str) -> Path:
-    """Check and create the output folder (rank 0), write config.json, print the config."""
-    def write_config():
-        if not resume and any((out / "checkpoints").glob("step_*")):
-            # A later --resume would otherwise pick up whichever run's checkpoint has the highest step.
-            raise ValueError(f"--out_dir {out}: holds checkpoints of an earlier run; add --resume to continue "
-                             "it, or use another --out_dir")
-        if resume and (out / "config.json").is_file():
-            old = json_or_none((out / "config.json").read_text()) or {}
-            changed = [f"--{k} {old[k]} -> {v}" for k, v in config.items() if k != "resume" and k in old and old[k] != v]
-            if changed:
-                print(f"[resume] flags changed since the earlier run: {', '.join(changed)}", flush=True)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
-        except OSError as e:
-            raise OSError(f"--out_dir {out}: not writable ({e.strerror})") from None
-        print(f"[{tag}] world={ctx.world} device={ctx.device} config:\n{json.dumps(config, indent=1)}", flush=True)
-    on_rank0(ctx, write_config)
-    return out
-
 
 def atomic_write(path: Path, text: str):
     tmp = path.with_name(f".{path.name}.tmp")
@@ -336,33 +375,3 @@ def json_or_none(line: str):
         return json.loads(line)
     except json.JSONDecodeError:
         return None
-
-
-@contextmanager
-def one_line_errors(ctx: Dist, prog: str, oom_hint: str):
-    """Bad input ends with one line naming the problem, on every rank, and the process group is torn down."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        raise SystemExit(f"{prog}: out of memory on rank {ctx.rank} ({ctx.device}): {oom_hint}") from None
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"{prog}: {e}") from None
-    except Rank0Failed as e:
-        raise SystemExit(f"{prog}: rank {ctx.rank}: {e}") from None
-    finally:
-        dist.destroy_process_group()
-
-
-def run_main(main):
-    """The process entry point: main(), a SystemExit's message as one line on stderr, then os._exit. Everything
-    is written, renamed and closed by then: skipping interpreter teardown avoids PyTorch's distributed C++
-    threads racing it and aborting ("terminate called without an active exception", pytorch#190489)."""
-    try:
-        main()
-        code = 0
-    except SystemExit as e:                                  # a bad-input line (or argparse's usage / --help)
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code)

@@ -1,19 +1,28 @@
-"""The metrics a run logs: held-out evaluation of the policy (the official code's: rewards of sampled and
-greedy responses, KL to the reference, exact per-token KL), statistics of a training batch, and the
-metrics.jsonl file (one JSON line per step, strict JSON) with its optional plot.
+"""What a run shows and logs: its config (config.json, and the flags that differ from the defaults on the
+console), held-out evaluation of the policy (the official code's: rewards of sampled and greedy responses,
+KL to the reference, exact per-token KL), statistics of a training batch, metrics.jsonl (one JSON line per
+step, strict JSON) with its optional plot, progress lines a person can follow, and how it ends: one line
+for bad input, for Ctrl-C (with the command that resumes), and no interpreter teardown.
 
 A mean over ranks of each rank's own std or token mean is not the whole batch's; these gather per-response
 values, or sum numerators and denominators, so a metric is the same with 1 or 8 ranks.
 """
+import hashlib
 import json
 import math
+import os
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import data
 import remax
-from fsdp import Dist, atomic_write, gathered, json_or_none
+from fsdp import Dist, Rank0Failed, atomic_write, check_run, gathered, json_or_none, log, on_rank0
+from model import Transformer, generate
 from model import generate, positions_from_mask, response_logprobs
 
 
@@ -130,3 +139,141 @@ class Metrics:
         fig.tight_layout()
         fig.savefig(self.path.with_suffix(".png"))
         plt.close(fig)
+
+
+def start_run(out: Path, config: dict, defaults: dict, resume, ctx: Dist, tag: str) -> Path:
+    """Check and create the output folder (rank 0), write config.json, print the flags that differ from the
+    defaults (and on --resume, those changed since the earlier run). resume: the run's identity (run_identity),
+    which the folder's checkpoints must share, checked before any model is read; False for a fresh run."""
+    if resume:
+        check_run(out / "checkpoints", resume)
+
+    def write_config():
+        if not resume and any((out / "checkpoints").glob("step_*")):
+            # A later --resume would otherwise pick up whichever run's checkpoint has the highest step.
+            raise ValueError(f"--out_dir {out}: holds checkpoints of an earlier run; add --resume to continue "
+                             "it, or use another --out_dir")
+        if resume and (out / "config.json").is_file():
+            old = json_or_none((out / "config.json").read_text()) or {}
+            changed = [f"--{k} {old[k]} -> {v}" for k, v in config.items() if k != "resume" and k in old and old[k] != v]
+            if changed:
+                print(f"[resume] flags changed since the earlier run: {', '.join(changed)}", flush=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
+        except OSError as e:
+            raise OSError(f"--out_dir {out}: not writable ({e.strerror})") from None
+        given = " ".join(f"--{k} {v}" for k, v in config.items() if v != defaults.get(k))
+        print(f"[{tag}] world={ctx.world} device={ctx.device} {given} (all flags: {out / 'config.json'})", flush=True)
+    on_rank0(ctx, write_config)
+    return out
+
+
+class Progress:
+    """Console lines a person can follow: a step line at least every `every` seconds (and at the first and
+    last step, and every tenth of the run) with step/total, elapsed time and ETA; a line when an evaluation
+    or a checkpoint save starts and when it ends (at 7B each takes minutes)."""
+
+    def __init__(self, ctx: Dist, name: str, start: int, total: int, every: float = 10.0):
+        self.ctx, self.name, self.start, self.total, self.every = ctx, name, start, total, every
+        self.t0 = self.last = time.perf_counter()
+
+    def step(self, step: int, row: dict, show=()):
+        now, done = time.perf_counter(), step - self.start
+        if not (step in (self.start + 1, self.total) or now - self.last >= self.every or step % max(1, self.total // 10) == 0):
+            return
+        self.last = now
+        eta = (now - self.t0) / done * (self.total - step)
+        what = "skipped: non-finite reward, loss or grad norm" if row.get("skipped") else fmt({k: row.get(k) for k in show})
+        log(self.ctx, f"[{self.name}] step {step}/{self.total} {what} | {_clock(now - self.t0)} elapsed, "
+                      f"ETA {_clock(eta)}")
+
+    @contextmanager
+    def phase(self, what: str):
+        t = time.perf_counter()
+        log(self.ctx, f"[{self.name}] {what} ...")
+        yield
+        log(self.ctx, f"[{self.name}] {what}: done in {_clock(time.perf_counter() - t)}")
+        self.last = time.perf_counter()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def fmt(d: dict) -> str:
+    """Integers as integers, lr in e-notation, other numbers to 3 decimals; None (not logged) left out."""
+    return " ".join(f"{k} {v}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v:.2e}" if k == "lr"
+                    else f"{k} {v:.3f}" for k, v in d.items() if v is not None)
+
+
+def run_identity(config: dict, safe) -> dict:
+    """What a checkpoint shares with the run that may resume it: every flag but the `safe` ones, a flag that
+    names a file or folder by its content (so a moved checkpoint still resumes and a changed one does not)."""
+    return {k: fingerprint(v) if isinstance(v, str) and v and os.path.exists(v) else v
+            for k, v in config.items() if k not in safe}
+
+
+def fingerprint(path) -> str:
+    """What a checkpoint folder (its config and tokenizer files) or a data file holds, by content."""
+    path, digest = Path(path), hashlib.sha256()
+    for p in sorted(path.glob("*.json")) if path.is_dir() else [path]:
+        with p.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def resume_hint(root: Path, ctx: Dist, resumable: bool = True) -> str:
+    """Where the newest checkpoint is and the command that resumes from it (this one, with --resume)."""
+    done = sorted(root.glob("step_*/meta.json"))
+    if not (resumable and done):
+        return f"no checkpoint to resume from{f' in {root}' if resumable else ''}: run the same command again"
+    launch = "python" if ctx.world == 1 else f"torchrun --nproc_per_node={ctx.world}"
+    args = " ".join(a for a in sys.argv[1:] if a != "--resume")
+    return f"the newest checkpoint is {done[-1].parent}; resume with: {launch} {sys.argv[0]} {args} --resume"
+
+
+@contextmanager
+def one_line_errors(ctx: Dist, prog: str, oom_hint: str, interrupted):
+    """Bad input ends with one line naming the problem, on every rank, and the process group is torn down.
+    Ctrl-C ends with interrupted() on rank 0 (where the last checkpoint is, how to resume) and quietly elsewhere."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit(f"{prog}: interrupted; {interrupted()}" if ctx.rank == 0 else 130) from None
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"{prog}: out of memory on rank {ctx.rank} ({ctx.device}): {oom_hint}") from None
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"{prog}: {e}") from None
+    except Rank0Failed as e:
+        raise SystemExit(f"{prog}: rank {ctx.rank}: {e}") from None
+    finally:
+        dist.destroy_process_group()
+
+
+def run_main(main):
+    """The process entry point: main(), a SystemExit's message as one line on stderr, then os._exit. Everything
+    is written, renamed and closed by then: skipping interpreter teardown avoids PyTorch's distributed C++
+    threads racing it and aborting ("terminate called without an active exception", pytorch#190489)."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:                                  # a bad-input line (or argparse's usage / --help)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 130 if "interrupted" in e.code else int(e.code is not None)
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+
+
+def compare_answers(paths: dict, prompt, mask, tok, texts: list[str], score, max_new_tokens: int):
+    """Greedy answers of each checkpoint in `paths` ({name: folder}) to the same prompts, side by side with
+    score(prompt text, answer)."""
+    answers = [tok.decode_batch(r[m].tolist() for r, m in zip(*generate(Transformer.from_pretrained(p).eval(), prompt,
+                                                                         mask, max_new_tokens, temperature=0.0)))
+               for p in paths.values()]
+    print("\nprompt     " + "".join(f"{name + ' answer (score)':25s}" for name in paths))
+    for x, *row in zip(texts, *answers):
+        print(f"{x:10s} " + "".join(f"{a:12s} ({score(x, a):.2f})       " for a in row))

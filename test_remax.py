@@ -1105,7 +1105,7 @@ BAD_INPUT = {
     "empty_prompt": (['{"prompt": "a"}', '{"prompt": "  "}'], "prompts", True,
                      ":2: empty prompt after formatting (chat); expected some text"),
     "template_refuses_turn": (['{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]}'],
-                              "prompts", True, ":1: chat_template: only user and assistant turns"),
+                              "prompts", True, ":1: {tok}: chat_template: only user and assistant turns"),
 }
 
 
@@ -1119,7 +1119,7 @@ def test_bad_input_raises_one_clear_error_line_naming_file_and_line(tmp_path, ca
         records = read(path)
         assert encode, "read without error"
         data.encode_prompts(_data_char_tok(tmp_path), records, "chat")
-    assert str(e.value) == f"{path}{message}"
+    assert str(e.value) == f"{path}{message}".replace("{tok}", str(tmp_path / "tok" / "tokenizer_config.json"))
     assert "\n" not in str(e.value)
 
 
@@ -2539,7 +2539,24 @@ def _bad_inputs(root, files, tmp):
         ("a PPO flag without --algo ppo", ["--critic_lr", "1"], "--critic_lr: not used by --stage remax (--critic"),
         ("an unknown device", ["--device", "gpu"], "--device: expected auto, cpu or cuda"),
         ("a reward model folder that is not there", ["--reward_model", tmp / "no_rm"], "no_rm: folder not found"),
+        ("prompt plus response past the model's context", ["--max_new_tokens", "60"],
+         "--max_prompt_len + --max_new_tokens: 76 tokens, more than the model's context of 64"),
+        ("a broken chat_template", ["--policy", _broken_template(_edit_checkpoint(sft, tmp / "tmpl"))],
+         "tmpl/tokenizer_config.json: chat_template line 1: "),
+        ("an output folder that holds the policy", ["--out_dir", root / "sft"], "would write over or into the input --policy"),
+        ("an output folder inside the reward model", ["--out_dir", root / "rm" / "final" / "x"],
+         "would write over or into the input --reward_model"),
+        ("a reward function file that is not there", ["--reward_model", "", "--reward_fn", tmp / "no.py:f"],
+         "--reward_fn " + str(tmp / "no.py:f") + ": expected an existing path/to/file.py:function"),
+        ("both a reward model and a reward function", ["--reward_fn", "sentiment.py:vader"],
+         "--reward_model, --reward_fn: give exactly one"),
     ]
+
+
+def _broken_template(ckpt):
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "{% if %}"}))
+    return ckpt
 
 
 def _lfs_pointer(ckpt):
@@ -2811,14 +2828,68 @@ class _Pwn:
         return (os.system, ("touch pwned_by_checkpoint",))
 
 
-def test_resume_refuses_a_tampered_checkpoint_instead_of_running_its_code(task, tmp_path):
+def test_an_unreadable_newest_checkpoint_is_skipped_for_the_previous_one_and_a_tampered_one_runs_no_code(task, tmp_path):
     import pickle
+    import shutil
     root, files = task
-    _remax(root, files, tmp_path / "run", "--max_steps", "1", "--save_every", "1")
-    (tmp_path / "run" / "checkpoints" / "step_0000001" / ".metadata").write_bytes(pickle.dumps(_Pwn()))
-    p = _remax(root, files, tmp_path / "run", "--max_steps", "2", "--resume", check=False)
-    assert p.returncode != 0 and "refers to posix.system" in p.stderr.strip().splitlines()[-1]
+    _remax(root, files, tmp_path / "run", "--max_steps", "2", "--save_every", "1")
+    runs = {}
+    for case in ("intact", "metadata cut", "distcp cut", "tampered"):
+        out = shutil.copytree(tmp_path / "run", tmp_path / case.replace(" ", "_"))
+        newest = out / "checkpoints" / "step_0000002"
+        if case == "intact":
+            shutil.rmtree(newest)                    # what the others must fall back to: the step-1 checkpoint
+        elif case == "metadata cut":
+            (newest / ".metadata").write_bytes((newest / ".metadata").read_bytes()[:100])
+        elif case == "distcp cut":
+            shard = next(newest.glob("*.distcp"))
+            shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2])
+        else:
+            (newest / ".metadata").write_bytes(pickle.dumps(_Pwn()))
+        p = _remax(root, files, out, "--max_steps", "3", "--resume")
+        if case != "intact":
+            assert f"warning: skipping {newest}, which does not read back" in p.stdout, p.stdout[-2000:]
+        assert f"[resume] from {out / 'checkpoints' / 'step_0000001'}: continuing after step 1" in p.stdout
+        assert [r["step"] for r in _rows(out / "metrics.jsonl")] == [0, 1, 2, 3]
+        runs[case] = _params(out / "final")
+    assert "refers to posix.system" in p.stdout and not (REPO / "pwned_by_checkpoint").exists()
+    for case, params in runs.items():
+        assert all(torch.equal(params[k], runs["intact"][k]) for k in params), case
+    # None readable: one line, no traceback.
+    out = tmp_path / "tampered"
+    (out / "checkpoints" / "step_0000001" / ".metadata").write_bytes(pickle.dumps(_Pwn()))
+    p = _remax(root, files, out, "--max_steps", "3", "--resume", check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"train.py: --resume: no checkpoint under {out / 'checkpoints'} reads back (each is named above); start a fresh "
+        "run in another --out_dir"]
     assert not (REPO / "pwned_by_checkpoint").exists()
+
+
+def test_resume_refuses_another_runs_checkpoints_and_logs_safe_changes(task, tmp_path):
+    import shutil
+    root, files = task
+    policy = _edit_checkpoint(root / "sft" / "final", tmp_path / "policy")
+    (policy / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.7, "top_p": 0.9}))
+    run = tmp_path / "run"
+    _remax(root, files, run, "--policy", policy, "--max_steps", "1", "--save_every", "1")
+    # Exports carry the policy's generation_config.json: its sampling defaults travel with the weights.
+    assert json.loads((run / "final" / "generation_config.json").read_text())["temperature"] == 0.7
+    sft = _train("--stage", "sft", "--policy", policy, "--data", files["sft"], "--out_dir", run, *SFT_ARGS, "--resume",
+                 check=False)
+    for extra, expected in [(None, "--stage remax -> sft"), (["--algo", "ppo"], "--algo remax -> ppo"),
+                            (["--batch_size", "8"], "--batch_size 4 -> 8"), (["--beta", "0.1"], "--beta 0.05 -> 0.1"),
+                            (["--policy", root / "sft" / "final"], "--policy (another file)")]:
+        p = sft if extra is None else _remax(root, files, run, "--policy", policy, *extra, "--max_steps", "2", "--resume",
+                                             check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and "were written by another run" in lines[0], (extra, p.stderr)
+        assert expected in lines[0], (extra, lines[0])
+    assert [r["step"] for r in _rows(run / "metrics.jsonl")] == [0, 1]          # nothing appended by the refused runs
+    # A moved copy of the same checkpoint and a changed lr / max_steps / cadence resume, and say what changed.
+    moved = shutil.copytree(policy, tmp_path / "moved")
+    p = _remax(root, files, run, "--policy", moved, "--max_steps", "2", "--lr", "2e-3", "--eval_every", "1", "--resume")
+    assert "[resume] flags changed since the earlier run:" in p.stdout and "--lr 0.001 -> 0.002" in p.stdout
+    assert [r["step"] for r in _rows(run / "metrics.jsonl")] == [0, 1, 2]
 
 
 # --------------------------------------------------------------------------- model2

@@ -28,7 +28,7 @@ import metrics
 import ppo
 import remax
 from fsdp import Dist, log, on_rank0
-from model import ModelConfig, Tokenizer, Transformer, generate, read_config
+from model import ModelConfig, Tokenizer, Transformer, read_config
 from reward import ModelReward, RetokenizedReward, RewardModel, TextReward, bradley_terry_loss, mistral_to_ultrarm
 
 FORMATS, SPLITS = data.FORMATS, ("sft", "rm", "remax")      # `data` is also a Config field
@@ -37,10 +37,11 @@ RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >
          "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}   # `not rule(v)`: NaN fails too
 
 
-def flag(default, help: str, check=None, runs: str = ALL):
+def flag(default, help: str, check=None, runs: str = ALL, safe: bool = False):
     """A Config field: its default, one line of help, its allowed values (a tuple) or range (a key of RULES),
-    and the runs that use it; validate() refuses a flag given to a run that would ignore it."""
-    return field(default=default, metadata=dict(help=help, check=check, runs=runs.split()))
+    the runs that use it (validate() refuses a flag given to a run that would ignore it), and whether a
+    checkpoint may be resumed with another value (safe: it does not change what a step does)."""
+    return field(default=default, metadata=dict(help=help, check=check, runs=runs.split(), safe=safe))
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Config:
     stage: str = flag("demo", "demo: all three steps on the built-in task", ("demo", "sft", "rm", "remax"), DEMO)
     algo: str = flag("remax", "remax, or ppo: the paper's comparison (ppo.py)", ("remax", "ppo"), RL + " demo")
     critic: str = flag("", "HF folder, the critic's init; default --reward_model, as DS-Chat", None, "ppo")
-    critic_lr: float = flag(5e-6, "the critic's peak learning rate (same schedule as --lr)", "> 0", "ppo")
+    critic_lr: float = flag(5e-6, "the critic's peak learning rate (same schedule as --lr)", "> 0", "ppo", True)
     policy: str = flag("", "HF folder: model to fine-tune (sft), RM init (rm), SFT policy (remax)")
     reward_model: str = flag("", "HF *ForSequenceClassification folder scoring responses", None, RL)
     reward_fn: str = flag("", "file.py:function scoring texts (prompts, responses) -> floats", None, RL)
@@ -56,12 +57,12 @@ class Config:
                                       "text (Mistral + UltraRM)", ("same", "ultrarm"), RL)
     tokenizer: str = flag("", "HF folder with tokenizer.json; default --policy")
     data: str = flag("", "JSONL: SFT pairs (sft), preference pairs (rm), prompts (remax)")
-    eval_data: str = flag("", "held-out JSONL; default the last --eval_size records of --data", None, "rm " + RL)
+    eval_data: str = flag("", "held-out JSONL; default the last --eval_size records of --data", None, "rm " + RL, True)
     split: str = flag("", "only this part of the paper's 20/40/40 split of --data", ("", "sft", "rm", "remax"))
     data_seed: int = flag(1234, "the split's shuffle (official)")
-    eval_size: int = flag(64, "held-out prompts / pairs evaluated", ">= 1", "rm " + RL)
+    eval_size: int = flag(64, "held-out prompts / pairs evaluated", ">= 1", "rm " + RL, True)
     prompt_format: str = flag("auto", "auto: chat if the tokenizer has a template, else hh", FORMATS)
-    out_dir: str = flag("out/run", "config.json, metrics.jsonl, checkpoints and exports go here", None, DEMO)
+    out_dir: str = flag("", "config.json, metrics.jsonl, checkpoints, exports; default out/<stage>", None, DEMO, True)
     preset: str = flag("official", "official: the released scripts; algorithm1: Algorithm 1", tuple(remax.PRESETS),
                        RL + " demo")
     baseline: str = flag("greedy", "greedy: ReMax; none: REINFORCE; rloo: 2nd sample", remax.BASELINES, "remax demo")
@@ -77,25 +78,25 @@ class Config:
     overlong: str = flag("truncate", "a longer prompt: keep its last tokens (official) or error", ("truncate", "error"))
     max_new_tokens: int = flag(256, "response tokens generated", ">= 1", RL)
     max_len: int = flag(512, "prompt + response tokens", ">= 1", "sft rm")
-    lr: float = flag(1e-6, "peak learning rate (official Llama-2-7B script)", "> 0", DEMO)
+    lr: float = flag(1e-6, "peak learning rate (official Llama-2-7B script)", "> 0", DEMO, True)
     weight_decay: float = flag(0.1, "AdamW weight decay (none on norms)", ">= 0")
     adam_beta1: float = flag(0.9, "AdamW beta1", "in [0, 1)")
     adam_beta2: float = flag(0.95, "AdamW beta2", "in [0, 1)")
-    warmup_steps: int = flag(0, "linear warmup steps before the cosine decay", ">= 0")
+    warmup_steps: int = flag(0, "linear warmup steps before the cosine decay", ">= 0", safe=True)
     grad_clip: float = flag(1.0, "global gradient-norm clip", "> 0")
     batch_size: int = flag(8, "global prompts (remax), pairs (rm), examples (sft) per optimizer step", ">= 1")
-    epochs: int = flag(1, "passes over --data", ">= 1")
-    max_steps: int = flag(0, "stop after this many steps; 0 = as many as --epochs gives", ">= 0", DEMO)
+    epochs: int = flag(1, "passes over --data", ">= 1", safe=True)
+    max_steps: int = flag(0, "stop after this many steps; 0 = as many as --epochs gives", ">= 0", DEMO, True)
     dtype: str = flag("auto", "compute dtype; auto: bf16 on GPU, fp32 on CPU", ("auto", "float32", "bfloat16"))
-    activation_checkpointing: bool = flag(False, "recompute each block's activations in backward")
-    eval_every: int = flag(0, "evaluate every N steps; 0 = before and after training", ">= 0", "rm " + RL)
-    gold: str = flag("", "synthetic: also the built-in task's gold score of greedy answers", ("", "synthetic"), RL)
-    target_kl: float = flag(0.0, "stop once eval kl_exact reaches it (official 1.0); 0 = never", ">= 0", RL)
-    save_every: int = flag(0, "checkpoint every N steps; 0 = never (the final export is always written)", ">= 0")
-    resume: bool = flag(False, "continue from the newest complete checkpoint in --out_dir")
-    max_bad_steps: int = flag(5, "consecutive non-finite steps tolerated before stopping", ">= 1")
+    activation_checkpointing: bool = flag(False, "recompute each block's activations in backward", safe=True)
+    eval_every: int = flag(0, "evaluate every N steps; 0 = before and after training", ">= 0", "rm " + RL, True)
+    gold: str = flag("", "synthetic: also the built-in task's gold score of greedy answers", ("", "synthetic"), RL, True)
+    target_kl: float = flag(0.0, "stop once eval kl_exact reaches it (official 1.0); 0 = never", ">= 0", RL, True)
+    save_every: int = flag(0, "checkpoint every N steps; 0 = never (the final export is always written)", ">= 0", safe=True)
+    resume: bool = flag(False, "continue from the newest complete checkpoint in --out_dir", safe=True)
+    max_bad_steps: int = flag(5, "consecutive non-finite steps tolerated before stopping", ">= 1", safe=True)
     seed: int = flag(2023, "sampling, shuffling and (demo) initialisation", None, DEMO)
-    device: str = flag("auto", "auto: cuda when there is one", ("auto", "cpu", "cuda"), DEMO)
+    device: str = flag("auto", "auto: cuda when there is one", ("auto", "cpu", "cuda"), DEMO, True)
 
 
 def parse_args(argv=None, **defaults) -> Config:
@@ -150,9 +151,13 @@ def validate(cfg: Config):
                          "(the rest is the response's room)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: no CUDA device available to torch {torch.__version__}")
+    out = Path(cfg.out_dir or f"out/{cfg.stage}").resolve()
     for name in ("policy", "reward_model", "critic", "tokenizer"):
         if getattr(cfg, name) and not Path(getattr(cfg, name)).is_dir():
             raise SystemExit(f"--{name} {getattr(cfg, name)}: folder not found (expected a Hugging Face checkpoint)")
+        if getattr(cfg, name) and (out in {path := Path(getattr(cfg, name)).resolve(), *path.parents} or path in out.parents):
+            raise SystemExit(f"--out_dir {out}: would write over or into the input --{name} {getattr(cfg, name)}; "
+                             "use another --out_dir")
 
 
 def remax_options(cfg: Config) -> dict:
@@ -162,15 +167,24 @@ def remax_options(cfg: Config) -> dict:
 # --------------------------------------------------------------------------- inputs
 
 def start(cfg: Config, ctx: Dist) -> Tokenizer:
-    """The run folder and --tokenizer (default --policy), whose EOS must be among the policy's stop ids."""
-    fsdp.start_run(Path(cfg.out_dir), asdict(cfg), cfg.resume, ctx, cfg.stage)
-    tok, stop_ids = Tokenizer(cfg.tokenizer or cfg.policy), read_config(cfg.policy).stop_ids
+    """The model's context, --tokenizer (default --policy), whose EOS must be among the policy's stop ids, and
+    the run folder (on --resume, only with this run's own checkpoints)."""
+    model, rl = read_config(cfg.policy), cfg.stage == "remax"
+    if (need := cfg.max_prompt_len + cfg.max_new_tokens if rl else cfg.max_len) > model.max_seq_len:
+        raise ValueError(f"{'--max_prompt_len + --max_new_tokens' if rl else '--max_len'}: {need} tokens, more than the "
+                         f"model's context of {model.max_seq_len} (max_position_embeddings in {cfg.policy}/config.json)")
+    tok, stop_ids = Tokenizer(cfg.tokenizer or cfg.policy), model.stop_ids
     if cfg.stage != "rm" and tok.eos_id is not None and tok.eos_id not in stop_ids:
         raise ValueError(f"--policy {cfg.policy}: the tokenizer's eos token {tok.eos_id} is not among the model's stop"
                          f" ids {stop_ids} (eos_token_id in config.json, generation_config.json): responses trained to "
                          "end with it would never stop generation")
+    metrics.start_run(Path(cfg.out_dir), asdict(cfg), asdict(Config()), cfg.resume and run_identity(cfg), ctx, cfg.stage)
     tok.pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     return tok
+
+
+def run_identity(cfg: Config) -> dict:
+    return metrics.run_identity(asdict(cfg), {f.name for f in fields(Config) if f.metadata["safe"]})
 
 
 def load(path, cfg: Config, ctx: Dist, trainable: bool, cls=Transformer, tok=None, flag: str = "policy"):
@@ -200,13 +214,6 @@ def read_data(cfg: Config, reader, encode, ctx: Dist, what: str, held_out: bool 
     return train, held[ctx.rank * n:(ctx.rank + 1) * n]
 
 
-def lr_at(step: int, cfg: Config, total: int) -> float:
-    """Linear warmup, then cosine decay to 0 over the run (the official scripts: cosine, no warmup)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))))
-
-
 # --------------------------------------------------------------------------- step 1: SFT
 
 def train_sft(cfg: Config, ctx: Dist) -> Path:
@@ -226,7 +233,7 @@ def train_sft(cfg: Config, ctx: Dist) -> Path:
         # Token mean over the global batch, whatever the world size (see fsdp.make_update).
         loss = -(logp[:, :-1] * m).sum() * ctx.world / ctx.sum(n)
         grad_norm, _ = update(model, opt, loss)
-        return ctx.mean({"loss": loss.item(), "tokens": float(n)}) | {"grad_norm": grad_norm}
+        return ctx.mean({"loss": loss.item()}) | {"tokens": int(ctx.sum(n)), "grad_norm": grad_norm}
     loop(cfg, ctx, "sft", len(examples), step_fn, {"model": (model, opt)}, tok, show=("loss", "grad_norm"))
     return Path(cfg.out_dir) / "final"
 
@@ -295,8 +302,7 @@ def train_remax(cfg: Config, ctx: Dist, reward_fn=None) -> dict:
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=top_p, top_k=cfg.top_k,
                     pad_id=tok.pad, generator=gen, row_offset=ctx.split(cfg.batch_size).start,
                     total_rows=cfg.batch_size)
-    seconds = {}                              # how long the rollout (generation and scoring) held the policy gathered
-    gather = partial(fsdp.gathered, seconds=seconds)
+    gather = partial(fsdp.gathered, seconds=(seconds := {}))   # how long each rollout (generation, scoring) took
 
     def step_fn(batch, update):
         t0 = time.perf_counter()
@@ -334,13 +340,17 @@ def loop(cfg: Config, ctx: Dist, name: str, n: int, step_fn, trained: dict, tok,
     total = cfg.max_steps or n // cfg.batch_size * cfg.epochs
     resumed = fsdp.load_checkpoint(out / "checkpoints", trained, gen, ctx) if cfg.resume else {"step": 0}
     start, best, bad, ev = resumed["step"], resumed.get("best", -math.inf), 0, None
-    log_file = metrics.Metrics(out / "metrics.jsonl", ctx, start)
-    log(ctx, f"[{name}] {n} examples, {total} steps of {cfg.batch_size}")
-    if first := (evaluate() if rl and start == 0 else None):
+    log_file, progress = metrics.Metrics(out / "metrics.jsonl", ctx, start), metrics.Progress(ctx, name, start, total)
+    log(ctx, f"[{name}] {n} examples, {total} steps of {cfg.batch_size}" + (f", from step {start}" if start else ""))
+    files = [] if name == "rm" else [p for p in [Path(cfg.policy) / "generation_config.json"] if p.is_file()]
+    first = None
+    if rl and start == 0:
+        with progress.phase("evaluating before training"):
+            first = evaluate()
         log_file.write({"step": 0, **{f"eval/{k}": v for k, v in first.items()}})
-        log(ctx, f"[{name}] before: " + fmt(first))
+        log(ctx, f"[{name}] before: " + metrics.fmt(first))
     for step in range(start, total):
-        t0, lr = time.perf_counter(), lr_at(step, cfg, total)
+        t0, lr = time.perf_counter(), fsdp.cosine_lr(step, total, cfg.lr, cfg.warmup_steps)
         batch = data.batch_indices(n, cfg.batch_size, step, cfg.seed, ctx.rank, ctx.world)
         row = step_fn(batch, fsdp.make_update(ctx, lr, cfg.grad_clip, lr_scale))
         row.update(step=step + 1, lr=lr, skipped=row["grad_norm"] is None, seconds=time.perf_counter() - t0)
@@ -348,16 +358,16 @@ def loop(cfg: Config, ctx: Dist, name: str, n: int, step_fn, trained: dict, tok,
         if row["skipped"]:
             log(ctx, f"[{name}] step {step + 1}: non-finite reward, loss or grad norm (prompts "
                      f"{row.get('bad_prompts', '?')}), skipped ({bad} in a row)")
+        progress.step(step + 1, row, show)
         if evaluate and ((step + 1) % max(1, cfg.eval_every or total) == 0 or step + 1 == total):
-            ev = evaluate()
+            with progress.phase(f"evaluating at step {step + 1}"):
+                ev = evaluate()
             row.update({f"eval/{k}": v for k, v in ev.items()})
-            log(ctx, f"[{name}] step {step + 1}: " + fmt(ev))
+            log(ctx, f"[{name}] step {step + 1}: " + metrics.fmt(ev))
             if rl and ev["reward_sampled"] > best:               # official: the best sampled eval reward
                 best = ev["reward_sampled"]
-                fsdp.export(model, out / "best", ctx, tok)
+                fsdp.export(model, out / "best", ctx, tok, files)
         log_file.write(row)
-        if step % 10 == 0 or step + 1 == total:
-            log(ctx, f"[{name}] step {step + 1}/{total} {fmt({k: row.get(k) for k in show})} {row['seconds']:.2f}s")
         if rl and cfg.target_kl and "eval/kl_exact" in row and ev["kl_exact"] >= cfg.target_kl:
             log(ctx, f"[{name}] eval kl_exact {ev['kl_exact']:.3f} reached --target_kl {cfg.target_kl}: stopping")
             break
@@ -365,15 +375,12 @@ def loop(cfg: Config, ctx: Dist, name: str, n: int, step_fn, trained: dict, tok,
             raise SystemExit(f"[{name}] {bad} consecutive non-finite steps (--max_bad_steps {cfg.max_bad_steps}): "
                              "stopping; check the data or the reward, and lower --lr")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            fsdp.save_checkpoint(out / "checkpoints", trained, step + 1, gen, ctx, dict(best=best, config=asdict(cfg)))
-    fsdp.export(model, out / "final", ctx, tok)
+            with progress.phase(f"saving the step-{step + 1} checkpoint"):
+                fsdp.save_checkpoint(out / "checkpoints", trained, step + 1, gen, ctx, dict(best=best, run=run_identity(cfg)))
+    fsdp.export(model, out / "final", ctx, tok, files)
     log_file.plot()
     log(ctx, f"[{name}] wrote {out / 'final'}{' and best' if rl else ''}, metrics {out / 'metrics.jsonl'}")
     return {"before": first, "after": ev if ev is not None or not evaluate else evaluate()}
-
-
-def fmt(d: dict) -> str:
-    return " ".join(f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.3f}" for k, v in d.items() if v is not None)
 
 
 # --------------------------------------------------------------------------- the built-in demo
@@ -396,7 +403,7 @@ def demo(cfg: Config, ctx: Dist):
     noisy preferences, and ReMax should raise both the RM's and the gold score of greedy answers.
     --lr, --max_steps, --preset, --baseline and --algo apply to step 3; --seed, --out_dir, --device to all.
     """
-    root = Path(cfg.out_dir if cfg.out_dir != Config.out_dir else "out/demo")
+    root = Path(cfg.out_dir)
     files = {k: root / "data" / name for k, name in data.SYNTHETIC_FILES.items()}
     if ctx.rank == 0:
         data.write_synthetic_jsonl(root / "data", seed=cfg.seed)
@@ -416,7 +423,9 @@ def demo(cfg: Config, ctx: Dist):
     result = train_remax(Config(stage="remax", policy=str(sft), reward_model=str(rm), data=str(files["remax"]),
                                 eval_data=str(files["eval"]), out_dir=str(root / "remax"), **step3, **common), ctx)
     if ctx.rank == 0:
-        show_samples(sft, root / "remax" / "final", files["eval"])
+        tok, records = Tokenizer(sft), data.read_prompts(files["eval"])[:5]
+        metrics.compare_answers({"SFT": sft, "ReMax": root / "remax" / "final"}, *data.left_pad(data.encode_prompts(
+            tok, records, "chat", 16)[0], tok.pad_id), tok, [r["messages"][0]["content"] for r in records], data.gold_score, 12)
         print("\n            RM score (greedy)   gold score (greedy)   KL to SFT")
         for name, r in (("SFT", result["before"]), ("PPO" if cfg.algo == "ppo" else "ReMax", result["after"])):
             print(f"{name:12}{r['reward_greedy']:8.3f}          {r['gold_greedy']:8.3f}              {r['kl']:.3f}")
@@ -424,27 +433,18 @@ def demo(cfg: Config, ctx: Dist):
     return result
 
 
-def show_samples(sft_path: Path, remax_path: Path, eval_file: Path, n: int = 5):
-    tok, records = Tokenizer(sft_path), data.read_prompts(eval_file)[:n]
-    prompt, mask = data.left_pad(data.encode_prompts(tok, records, "chat", 16)[0], tok.pad_id)
-    answers = [tok.decode_batch(r[m].tolist() for r, m in zip(*generate(Transformer.from_pretrained(path).eval(),
-                                                                         prompt, mask, 12, temperature=0.0)))
-               for path in (sft_path, remax_path)]
-    print("\nprompt     SFT answer (gold)        ReMax answer (gold)")
-    for x, a, b in zip((r["messages"][0]["content"] for r in records), *answers):
-        print(f"{x:10s} {a:12s} ({data.gold_score(x, a):.2f})     {b:12s} ({data.gold_score(x, b):.2f})")
-
-
 def main(argv=None):
     cfg = parse_args(argv)
     validate(cfg)
+    cfg.out_dir = cfg.out_dir or f"out/{cfg.stage}"          # each stage its own: no stage writes over its input
     ctx = Dist(cfg.device)
-    with fsdp.one_line_errors(ctx, "train.py", "lower --batch_size or --max_new_tokens, add "
-                              "--activation_checkpointing, or use more GPUs (FSDP shards weights and optimizer state)"):
+    with metrics.one_line_errors(ctx, "train.py", "lower --batch_size or --max_new_tokens, add --activation_checkpointing, "
+                              "or use more GPUs (FSDP shards weights and optimizer state)",
+                                 lambda: metrics.resume_hint(Path(cfg.out_dir) / "checkpoints", ctx, cfg.stage != "demo")):
         if cfg.stage != "demo":
             ctx.split(cfg.batch_size)                   # before any model is read, not at the first step
         {"demo": demo, "sft": train_sft, "rm": train_rm, "remax": train_remax}[cfg.stage](cfg, ctx)
 
 
 if __name__ == "__main__":
-    fsdp.run_main(main)
+    metrics.run_main(main)
