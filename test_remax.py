@@ -2289,7 +2289,7 @@ def test_remax_stage_runs_the_rloo_and_reinforce_baselines(task, tmp_path, basel
 
 def test_sft_and_rm_name_the_flags_when_data_is_too_small(task, tmp_path):
     root, files = task
-    base = ("--policy", root / "sft" / "final", *COMMON, "--batch_size", "8")
+    base = ("--policy", root / "sft" / "final", *COMMON, "--batch_size", "8", "--max_len", "32")
     p = _train("--stage", "rm", "--data", files["rm"], "--out_dir", tmp_path / "rm", *base, "--eval_size", "60",
                check=False)
     assert p.returncode == 1 and p.stderr.strip() == (
@@ -2670,7 +2670,7 @@ def test_out_of_memory_names_the_flags_that_reduce_memory(task, tmp_path, monkey
         train.main(["--stage", "remax", "--policy", str(root / "sft" / "final"), "--reward_model",
                     str(root / "rm" / "final"), "--data", str(files["remax"]), "--eval_data", str(files["eval"]),
                     "--out_dir", str(tmp_path / "oom"), "--batch_size", "4", "--max_steps", "1", "--eval_size", "4",
-                    "--max_prompt_len", "16", "--prompt_format", "chat"])
+                    "--max_prompt_len", "16", "--max_new_tokens", "8", "--prompt_format", "chat"])
     assert not (tmp_path / "oom" / "final").exists()
 
 
@@ -2863,6 +2863,66 @@ def test_an_unreadable_newest_checkpoint_is_skipped_for_the_previous_one_and_a_t
         f"train.py: --resume: no checkpoint under {out / 'checkpoints'} reads back (each is named above); start a fresh "
         "run in another --out_dir"]
     assert not (REPO / "pwned_by_checkpoint").exists()
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_newest_checkpoint_and_the_command_that_resumes(task, tmp_path):
+    import shlex
+    import signal
+    import time
+    import train
+    root, files = task
+    out = tmp_path / "run"
+    cmd = ["train.py", "--stage", "remax", "--policy", root / "sft" / "final", "--reward_model", root / "rm" / "final",
+           "--data", files["remax"], "--eval_data", files["eval"], "--out_dir", out, "--batch_size", "4",
+           "--max_new_tokens", "6", "--max_steps", "500", "--save_every", "1", *RL_ARGS]
+    p = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "checkpoints").glob("step_*/meta.json")):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    stderr = p.communicate(timeout=120)[1]
+    lines = stderr.strip().splitlines()
+    assert p.returncode == 130 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    newest = sorted((out / "checkpoints").glob("step_*/meta.json"))[-1].parent
+    assert lines[0].startswith(f"train.py: interrupted; the newest checkpoint is {newest}; resume with: python train.py ")
+    resume = shlex.split(lines[0].split("resume with: ")[1])
+    cfg = train.parse_args(resume[2:])
+    assert resume[-1] == "--resume" and cfg.resume and cfg.out_dir == str(out) and cfg.max_steps == 500
+
+
+def test_console_shows_changed_flags_progress_with_eta_and_evaluations_and_saves(task, tmp_path):
+    root, files = task
+    p = _remax(root, files, tmp_path / "run", "--max_steps", "2", "--save_every", "2")
+    out = p.stdout
+    config = [l for l in out.splitlines() if l.startswith("[remax] world=1")]
+    assert len(config) == 1 and "--batch_size 4" in config[0] and "--kl" not in config[0] and "\"stage\":" not in out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["kl"] is None    # the full config is there
+    assert "[remax] evaluating before training ..." in out and "[remax] evaluating before training: done in" in out
+    assert "[remax] saving the step-2 checkpoint: done in" in out
+    if importlib.util.find_spec("matplotlib"):                       # optional: drawn only when it is installed
+        assert (tmp_path / "run" / "metrics.png").is_file()
+    steps = [l for l in out.splitlines() if l.startswith("[remax] step ") and "ETA" in l]
+    assert [l.split()[2] for l in steps] == ["1/2", "2/2"] and "elapsed" in steps[0]
+    sft = _rows(root / "sft" / "metrics.jsonl")
+    assert all(isinstance(r["tokens"], int) for r in sft)                # a count is an integer
+    assert metrics_fmt({"tokens": 184, "loss": 0.5, "lr": 1e-6, "grad_norm": None}) == "tokens 184 loss 0.500 lr 1.00e-06"
+
+
+def metrics_fmt(d):
+    import metrics
+    return metrics.fmt(d)
+
+
+def test_each_stage_writes_to_its_own_default_out_dir(monkeypatch, tmp_path):
+    import train
+    seen = {}
+    for stage in ("sft", "rm", "remax"):
+        monkeypatch.setattr(train, f"train_{stage}", lambda cfg, ctx: seen.setdefault(cfg.stage, cfg.out_dir))
+    (tmp_path / "p").mkdir()
+    for stage, extra in (("sft", []), ("rm", []), ("remax", ["--reward_model", str(tmp_path / "p")])):
+        train.main(["--stage", stage, "--policy", str(tmp_path / "p"), "--data", "d.jsonl", "--device", "cpu", *extra])
+    assert seen == {"sft": "out/sft", "rm": "out/rm", "remax": "out/remax"}
 
 
 def test_resume_refuses_another_runs_checkpoints_and_logs_safe_changes(task, tmp_path):
