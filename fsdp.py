@@ -326,6 +326,7 @@ def load_checkpoint(root: Path, trained: dict, gen: torch.Generator, ctx: Dist) 
     if not done:
         log(ctx, f"[resume] no checkpoint under {root}: starting at step 0")
         return {"step": 0}
+    skipped = []
     for path in reversed([m.parent for m in done]):
         state = _train_state(trained, gen)
         try:                            # every rank raises together: DCP gathers each rank's read errors
@@ -334,6 +335,9 @@ def load_checkpoint(root: Path, trained: dict, gen: torch.Generator, ctx: Dist) 
             meta = json.loads((path / "meta.json").read_text())
         except (Exception, CheckpointException) as e:    # unreadable for whatever reason: the previous may be fine
             e = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e   # (error, stack)
+            if isinstance(e, (KeyboardInterrupt, torch.OutOfMemoryError)):
+                raise e from None       # not the checkpoint's fault
+            skipped.append(path)
             log(ctx, f"[resume] warning: skipping {path}, which does not read back ({type(e).__name__}: "
                      f"{' '.join(str(e).split())[:300]})")
             continue
@@ -342,6 +346,8 @@ def load_checkpoint(root: Path, trained: dict, gen: torch.Generator, ctx: Dist) 
         for name, (model, opt) in trained.items():
             set_state_dict(model, opt, model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
         gen.set_state(state["rng"])
+        # Out of the way, not deleted: keeping "the newest two" must not drop the checkpoint resumed from.
+        on_rank0(ctx, lambda: [os.replace(p, p.with_name(f"unreadable_{p.name}")) for p in skipped])
         log(ctx, f"[resume] from {path}: continuing after step {meta['step']}")
         return meta
     raise ValueError(f"--resume: no checkpoint under {root} reads back (each is named above); start a fresh run "

@@ -4,14 +4,18 @@ KL to the reference, exact per-token KL), statistics of a training batch, metric
 step, strict JSON) with its optional plot, progress lines a person can follow, and how it ends: one line
 for bad input, for Ctrl-C (with the command that resumes), and no interpreter teardown.
 
-A mean over ranks of each rank's own std or token mean is not the whole batch's; these gather per-response
-values, or sum numerators and denominators, so a metric is the same with 1 or 8 ranks.
+A mean over ranks of each rank's own std or token mean is not the whole batch's: the batch statistics
+(reward, baseline and advantage spreads, kl_token, entropy) and the losses gather per-response values or
+sum numerators and denominators, so they are the same with 1 or 8 ranks. Every other row value is a mean
+over ranks of equal-sized shares (exact for row means; PPO's per-token diagnostics are per-rank means).
 """
 import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,7 +78,7 @@ def eval_policy(policy, ref, reward_fn, prompts, ctx: Dist, *, pad_id: int, max_
     logp, _ = response_logprobs(policy, prompt, mask, resp[:B], rmask[:B])
     ref_logp, _ = response_logprobs(ref, prompt, mask, resp[:B], rmask[:B])
     stats = {"reward_sampled": r[:B].mean().item(), "reward_greedy": r[B:].mean().item(),
-             "kl": ((logp - ref_logp) * rmask[:B]).sum(-1).mean().item(),      # sequence KL estimate (k1)
+             "kl": torch.where(rmask[:B], logp - ref_logp, 0.0).sum(-1).mean().item(),  # sequence KL estimate (k1)
              "length_greedy": rmask[B:].sum(-1).float().mean().item()}
     if gold is not None:
         texts = tok.decode_batch(p[m].tolist() for p, m in zip(prompt, mask))
@@ -210,18 +214,32 @@ def fmt(d: dict) -> str:
 
 def run_identity(config: dict, safe) -> dict:
     """What a checkpoint shares with the run that may resume it: every flag but the `safe` ones, a flag that
-    names a file or folder by its content (so a moved checkpoint still resumes and a changed one does not)."""
-    return {k: fingerprint(v) if isinstance(v, str) and v and os.path.exists(v) else v
-            for k, v in config.items() if k not in safe}
+    names a file or folder (or file.py:function) by its content, so a moved checkpoint still resumes and a
+    changed one does not."""
+    def value(v):
+        path, _, name = v.rpartition(":") if isinstance(v, str) and ":" in v else (v, "", "")
+        return fingerprint(path) + _ + name if isinstance(path, str) and path and os.path.exists(path) else v
+    return {k: value(v) for k, v in config.items() if k not in safe}
 
 
 def fingerprint(path) -> str:
-    """What a checkpoint folder (its config and tokenizer files) or a data file holds, by content."""
+    """What a file, or a checkpoint folder, holds by content: every byte of its JSON (config, tokenizer) and of
+    a data file; of its weights, the size and three 64 KB samples (the start, middle and end), enough to
+    tell two trainings apart without reading 14 GB."""
     path, digest = Path(path), hashlib.sha256()
-    for p in sorted(path.glob("*.json")) if path.is_dir() else [path]:
+    for p in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if not p.is_file():
+            continue
         with p.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+            if p.suffix in (".safetensors", ".bin", ".pt"):
+                size = p.stat().st_size
+                digest.update(str(size).encode())
+                for offset in (0, size // 2, max(0, size - (1 << 16))):
+                    f.seek(offset)
+                    digest.update(f.read(1 << 16))
+            else:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
@@ -238,18 +256,30 @@ def resume_hint(root: Path, ctx: Dist, resumable: bool = True) -> str:
 @contextmanager
 def one_line_errors(ctx: Dist, prog: str, oom_hint: str, interrupted):
     """Bad input ends with one line naming the problem, on every rank, and the process group is torn down.
-    Ctrl-C ends with interrupted() on rank 0 (where the last checkpoint is, how to resume) and quietly elsewhere."""
+    Ctrl-C ends with interrupted() on rank 0 (where the last checkpoint is, how to resume) and quietly elsewhere,
+    whatever it interrupted: a collective whose peer already left, or a checkpoint save, fails in its own way."""
+    sigint = []
+
+    def on_sigint(*_):
+        sigint.append(True)
+        raise KeyboardInterrupt
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
         yield
-    except KeyboardInterrupt:
-        raise SystemExit(f"{prog}: interrupted; {interrupted()}" if ctx.rank == 0 else 130) from None
-    except torch.OutOfMemoryError:
-        raise SystemExit(f"{prog}: out of memory on rank {ctx.rank} ({ctx.device}): {oom_hint}") from None
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"{prog}: {e}") from None
-    except Rank0Failed as e:
-        raise SystemExit(f"{prog}: rank {ctx.rank}: {e}") from None
+    except BaseException as e:
+        if sigint or isinstance(e, KeyboardInterrupt):
+            raise SystemExit(f"{prog}: interrupted; {interrupted()}" if ctx.rank == 0 else 130) from None
+        if isinstance(e, torch.OutOfMemoryError):
+            raise SystemExit(f"{prog}: out of memory on rank {ctx.rank} ({ctx.device}): {oom_hint}") from None
+        if isinstance(e, (ValueError, OSError)):
+            raise SystemExit(f"{prog}: {e}") from None
+        if isinstance(e, Rank0Failed):
+            raise SystemExit(f"{prog}: rank {ctx.rank}: {e}") from None
+        raise
     finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
         dist.destroy_process_group()
 
 

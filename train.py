@@ -57,10 +57,10 @@ class Config:
                                       "text (Mistral + UltraRM)", ("same", "ultrarm"), RL)
     tokenizer: str = flag("", "HF folder with tokenizer.json; default --policy")
     data: str = flag("", "JSONL: SFT pairs (sft), preference pairs (rm), prompts (remax)")
-    eval_data: str = flag("", "held-out JSONL; default the last --eval_size records of --data", None, "rm " + RL, True)
+    eval_data: str = flag("", "held-out JSONL; default the last --eval_size records of --data", None, "rm " + RL)
     split: str = flag("", "only this part of the paper's 20/40/40 split of --data", ("", "sft", "rm", "remax"))
     data_seed: int = flag(1234, "the split's shuffle (official)")
-    eval_size: int = flag(64, "held-out prompts / pairs evaluated", ">= 1", "rm " + RL, True)
+    eval_size: int = flag(64, "held-out prompts / pairs evaluated", ">= 1", "rm " + RL)
     prompt_format: str = flag("auto", "auto: chat if the tokenizer has a template, else hh", FORMATS)
     out_dir: str = flag("", "config.json, metrics.jsonl, checkpoints, exports; default out/<stage>", None, DEMO, True)
     preset: str = flag("official", "official: the released scripts; algorithm1: Algorithm 1", tuple(remax.PRESETS),
@@ -96,7 +96,7 @@ class Config:
     resume: bool = flag(False, "continue from the newest complete checkpoint in --out_dir", safe=True)
     max_bad_steps: int = flag(5, "consecutive non-finite steps tolerated before stopping", ">= 1", safe=True)
     seed: int = flag(2023, "sampling, shuffling and (demo) initialisation", None, DEMO)
-    device: str = flag("auto", "auto: cuda when there is one", ("auto", "cpu", "cuda"), DEMO, True)
+    device: str = flag("auto", "auto: cuda when there is one", ("auto", "cpu", "cuda"), DEMO)
 
 
 def parse_args(argv=None, **defaults) -> Config:
@@ -167,8 +167,7 @@ def remax_options(cfg: Config) -> dict:
 # --------------------------------------------------------------------------- inputs
 
 def start(cfg: Config, ctx: Dist) -> Tokenizer:
-    """The model's context, --tokenizer (default --policy), whose EOS must be among the policy's stop ids, and
-    the run folder (on --resume, only with this run's own checkpoints)."""
+    """Checks the model's context and --tokenizer (its EOS must stop the policy), then opens the run folder."""
     model, rl = read_config(cfg.policy), cfg.stage == "remax"
     if (need := cfg.max_prompt_len + cfg.max_new_tokens if rl else cfg.max_len) > model.max_seq_len:
         raise ValueError(f"{'--max_prompt_len + --max_new_tokens' if rl else '--max_len'}: {need} tokens, more than the "
@@ -178,7 +177,8 @@ def start(cfg: Config, ctx: Dist) -> Tokenizer:
         raise ValueError(f"--policy {cfg.policy}: the tokenizer's eos token {tok.eos_id} is not among the model's stop"
                          f" ids {stop_ids} (eos_token_id in config.json, generation_config.json): responses trained to "
                          "end with it would never stop generation")
-    metrics.start_run(Path(cfg.out_dir), asdict(cfg), asdict(Config()), cfg.resume and run_identity(cfg), ctx, cfg.stage)
+    metrics.start_run(Path(cfg.out_dir), asdict(cfg), asdict(Config()), run_identity(cfg) if cfg.resume else None, ctx,
+                      cfg.stage)
     tok.pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     return tok
 
@@ -337,6 +337,7 @@ def loop(cfg: Config, ctx: Dist, name: str, n: int, step_fn, trained: dict, tok,
     the final export. RL runs also evaluate before training, keep the best sampled eval reward in
     <out_dir>/best (official) and stop at --target_kl. Returns the evaluations before and after."""
     out, model, gen = Path(cfg.out_dir), trained["model"][0], gen or torch.Generator().manual_seed(cfg.seed)
+    run = run_identity(cfg) if cfg.save_every else None          # what each checkpoint records of this run
     total = cfg.max_steps or n // cfg.batch_size * cfg.epochs
     resumed = fsdp.load_checkpoint(out / "checkpoints", trained, gen, ctx) if cfg.resume else {"step": 0}
     start, best, bad, ev = resumed["step"], resumed.get("best", -math.inf), 0, None
@@ -376,7 +377,7 @@ def loop(cfg: Config, ctx: Dist, name: str, n: int, step_fn, trained: dict, tok,
                              "stopping; check the data or the reward, and lower --lr")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             with progress.phase(f"saving the step-{step + 1} checkpoint"):
-                fsdp.save_checkpoint(out / "checkpoints", trained, step + 1, gen, ctx, dict(best=best, run=run_identity(cfg)))
+                fsdp.save_checkpoint(out / "checkpoints", trained, step + 1, gen, ctx, dict(best=best, run=run))
     fsdp.export(model, out / "final", ctx, tok, files)
     log_file.plot()
     log(ctx, f"[{name}] wrote {out / 'final'}{' and best' if rl else ''}, metrics {out / 'metrics.jsonl'}")
@@ -405,12 +406,11 @@ def demo(cfg: Config, ctx: Dist):
     """
     root = Path(cfg.out_dir)
     files = {k: root / "data" / name for k, name in data.SYNTHETIC_FILES.items()}
-    if ctx.rank == 0:
+    def prepare():                            # rank 0; if it fails, every rank ends (on_rank0), none waits
         data.write_synthetic_jsonl(root / "data", seed=cfg.seed)
-        tok_dir = data.write_char_tokenizer(root / "tokenizer")
         init = Transformer(ModelConfig(**DEMO_MODEL)).init_weights(generator=torch.Generator().manual_seed(cfg.seed))
-        init.save_pretrained(root / "init", extra_files=Tokenizer(tok_dir).files())
-    torch.distributed.barrier()
+        init.save_pretrained(root / "init", extra_files=Tokenizer(data.write_char_tokenizer(root / "tokenizer")).files())
+    on_rank0(ctx, prepare)
     common = dict(seed=cfg.seed, device=cfg.device, **DEMO_COMMON)
     sft = train_sft(Config(stage="sft", policy=str(root / "init"), data=str(files["sft"]), out_dir=str(root / "sft"),
                            **DEMO_SFT, **common), ctx)
