@@ -1,7 +1,7 @@
 """Benchmarks, one subcommand each; every run writes a JSON result and prints a short table.
 
-  python bench.py gen                 # our generate() vs transformers' model.generate, fp32 CPU
-  python bench.py gen --device cuda --dtype bfloat16 --size 1b   # + decode GB/s vs the HBM roofline
+  python bench.py gen --compile       # our generate(), eager and compiled, vs transformers' generate, fp32 CPU
+  python bench.py gen --device cuda --dtype bfloat16 --size 1b --compile   # + decode GB/s vs the HBM roofline
   python bench.py gen --smoke         # tiny sizes, seconds (the test suite's run)
   python bench.py step --size 7m --batch 4 --prompt_len 32 --new_tokens 32   # ReMax vs PPO per step, CPU
   python bench.py step --device cuda --dtype bfloat16 --size 1b --batch 8 --prompt_len 256 --new_tokens 256
@@ -11,17 +11,23 @@
 loaded by both implementations, in one process: same dtype, threads, batch, sampling, EOS disabled.
 
 `step` times one training step of ReMax and of PPO on the same random-init shapes, batch and lengths
-(EOS disabled, so every response is new_tokens long), split into generation / scoring / training, and
-their peak memory, the paper's compute claims (PPO: ~2x the time, ~2x the memory at 7B):
-  ReMax: remax.rollout (B sampled + B greedy rows, one prefill) | RM on 2B rows, ref log-probs |
-         policy log-probs with grad, remax_loss, backward, AdamW step.               3 models, 1 optimizer
-  PPO:   remax.rollout(baseline="none") (B sampled rows) | RM on B rows, ppo.experience (ref log-probs,
-         critic values) | ppo.ppo_step: actor and critic forward/backward/AdamW, 1 ppo epoch (DS-Chat step 3).
-                                                                                    4 models, 2 optimizers
+(EOS disabled, so every response is new_tokens long), split into generate / reward / logprobs (every forward
+after the rollout, and the loss) / backward / optimizer, and their peak memory, the paper's compute claims
+(PPO: ~2x the time, ~2x the memory at 7B):
+  ReMax: remax.rollout (B sampled + B greedy rows, one prefill) | RM on 2B rows | ref and policy log-probs,
+         remax_loss | backward | AdamW step.                                        3 models, 1 optimizer
+  PPO:   remax.rollout(baseline="none") (B sampled rows) | RM on B rows | ppo.experience (ref log-probs, critic
+         values), ppo.ppo_step's actor and critic forwards | their backwards | their AdamW steps, 1 ppo epoch
+         (DS-Chat step 3).                                                          4 models, 2 optimizers
 Memory: on CUDA torch.cuda.max_memory_allocated of the steps after a warm-up (weights and Adam states
 included), the peak statistics reset between the algorithms, whose models are freed in between. On CPU
-each algorithm runs in its own process (bench.py re-invokes itself) and reports its peak RSS
-(getrusage ru_maxrss, Linux), so they share no high-water mark; `base` is the RSS before any model is built.
+each algorithm runs in its own process (bench.py re-invokes itself) and reports its peak RSS (the kernel's
+VmHWM, memory.peak_rss_bytes; getrusage's ru_maxrss would start at the parent's peak); `base` is that peak
+before any model is built.
+
+`memory` is memory.py's per-rank plan (no weights read), `smoke` the GPU smoke test (smoke.py):
+  python bench.py memory --policy llama-2-7b --world 8 --batch_size 8 --activation_checkpointing
+  python bench.py smoke
 
 `maxbatch` (CUDA) finds the largest batch at which one whole step of each algorithm fits, by doubling and
 then bisecting on torch.OutOfMemoryError. With --smoke on CPU it runs the search against a simulated
@@ -48,7 +54,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -60,6 +65,7 @@ from pathlib import Path
 
 import torch
 
+import memory
 import ppo
 import remax
 from model import ModelConfig, Transformer, generate, response_logprobs
@@ -141,18 +147,20 @@ def run_gen(args) -> dict:
     prompt = torch.randint(3, ours.config.vocab_size, (B, P), generator=g, device=device)
     mask = torch.ones(B, P, dtype=torch.bool, device=device)
 
-    def run_ours(n):
-        return generate(ours, prompt, mask, n, temperature=1.0, top_p=1.0, top_k=0, stop_ids=[], generator=g)[0]
+    def run_ours(n, compile=False):
+        return generate(ours, prompt, mask, n, temperature=1.0, top_p=1.0, top_k=0, stop_ids=[], generator=g,
+                        compile=compile)[0]
 
     def run_hf(n):
         gc = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=n,
                               eos_token_id=None, pad_token_id=0)
         return hf.generate(prompt, attention_mask=mask.long(), generation_config=gc)[:, P:]
 
-    result = {}
-    for name, fn in (("ours", run_ours), ("hf", run_hf)):
+    result, runs = {}, {"ours": run_ours, "compiled": lambda n: run_ours(n, True), "hf": run_hf}
+    for name, fn in ((k, f) for k, f in runs.items() if args.compile or k != "compiled"):   # warm-up compiles
         total, tokens = best_of(lambda: fn(N), device, args.repeats)
-        prefill, _ = best_of(lambda: fn(1), device, args.repeats)
+        # The prefill is eager either way (a compiled one-token call would only compile another graph).
+        prefill = result["ours"]["prefill_s"] if name == "compiled" else best_of(lambda: fn(1), device, args.repeats)[0]
         if tuple(tokens.shape) != (B, N):
             raise RuntimeError(f"{name}: generated shape {list(tokens.shape)}, expected {[B, N]}")
         result[name] = dict(total_s=total, prefill_s=prefill, tok_s=B * N / total,
@@ -163,8 +171,11 @@ def run_gen(args) -> dict:
                batch=B, prompt_len=P, new_tokens=N, repeats=args.repeats, timing="best of repeats after 1 warm-up",
                sampling="do_sample, temperature 1, top_p 1, top_k 0, no EOS",
                ratio=result["ours"]["tok_s"] / result["hf"]["tok_s"], **result)
+    if args.compile:
+        out["ratio_compiled"] = result["compiled"]["tok_s"] / result["hf"]["tok_s"]
     if device.startswith("cuda"):
-        step_s = (result["ours"]["total_s"] - result["ours"]["prefill_s"]) / (N - 1)
+        fastest = result.get("compiled", result["ours"])
+        step_s = (fastest["total_s"] - fastest["prefill_s"]) / (N - 1)
         nbytes = decode_bytes(ours, B, P + N // 2)
         peak = next((v for k, v in HBM_GBS.items() if k in out["machine"]), args.peak_gbs)
         out["roofline"] = dict(bytes_per_step=nbytes, step_s=step_s, achieved_gbs=nbytes / step_s / 1e9,
@@ -176,11 +187,12 @@ def run_gen(args) -> dict:
 def print_gen(r: dict):
     print(f"gen {r['size']} ({r['params'] / 1e6:.1f}M params) {r['dtype']} on {r['machine']}, {r['threads']} threads; "
           f"B={r['batch']} P={r['prompt_len']} N={r['new_tokens']}, {r['sampling']}")
-    print(f"{'':6}{'total s':>9}{'prefill s':>11}{'tok/s':>10}{'decode tok/s':>14}")
-    for name in ("ours", "hf"):
+    print(f"{'':9}{'total s':>9}{'prefill s':>11}{'tok/s':>10}{'decode tok/s':>14}")
+    for name in (n for n in ("ours", "compiled", "hf") if n in r):
         x = r[name]
-        print(f"{name:6}{x['total_s']:9.3f}{x['prefill_s']:11.4f}{x['tok_s']:10.1f}{x['decode_tok_s']:14.1f}")
-    print(f"ours / transformers: {r['ratio']:.2f}x new tokens/s (whole generate call)")
+        print(f"{name:9}{x['total_s']:9.3f}{x['prefill_s']:11.4f}{x['tok_s']:10.1f}{x['decode_tok_s']:14.1f}")
+    print(f"ours / transformers: {r['ratio']:.2f}x new tokens/s (whole generate call)"
+          + (f"; compiled: {r['ratio_compiled']:.2f}x" if "ratio_compiled" in r else ""))
     if "roofline" in r:
         f = r["roofline"]
         print(f"decode step {f['step_s'] * 1e3:.2f} ms reads {f['bytes_per_step'] / 1e9:.2f} GB: "
@@ -191,7 +203,7 @@ def print_gen(r: dict):
 # --------------------------------------------------------------------------- step: ReMax vs PPO
 
 ALGOS = ("remax", "ppo")
-BUCKETS = ("generation", "scoring", "training")
+PHASES = ("generate", "reward", "logprobs", "backward", "optimizer")
 
 
 class Models:
@@ -235,61 +247,67 @@ def _adamw(model):
 
 
 class Clock:
-    """Seconds per bucket for one step; each interval synchronised on CUDA."""
+    """Seconds per phase of one step, each interval synchronised on CUDA; a phase timed inside another (the
+    reward inside the rollout, the updates inside ppo_step) is taken out of the outer one."""
 
     def __init__(self, device: str):
-        self.device, self.t = device, dict.fromkeys(BUCKETS, 0.0)
+        self.device, self.t, self.inner = device, dict.fromkeys(PHASES, 0.0), [0.0]
 
     @contextmanager
-    def __call__(self, bucket: str):
+    def __call__(self, phase: str):
         sync(self.device)
+        self.inner.append(0.0)                  # time spent in phases nested in this one
         t = time.perf_counter()
         try:
             yield
         finally:
             sync(self.device)
-            self.t[bucket] += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            self.t[phase] += dt - self.inner.pop()
+            self.inner[-1] += dt
 
     def scored(self, reward_fn):
-        """reward_fn, its time counted as scoring (it runs inside remax.rollout, which is timed as generation)."""
         def fn(*a):
-            with self("scoring"):
+            with self("reward"):
                 return reward_fn(*a)
         return fn
 
-    @contextmanager
-    def rollout(self):
-        before = self.t["scoring"]
-        with self("generation"):
-            yield
-        self.t["generation"] -= self.t["scoring"] - before
+    def update(self, model, optimizer, loss, token_mask=None):
+        """ppo._update, its backward and its optimizer step timed apart."""
+        with self("backward"):
+            loss.backward()
+        with self("optimizer"):
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return norm.item(), loss.item()
 
 
 def remax_step(m: Models, prompt, prompt_mask, new_tokens: int, clock: Clock, gen) -> None:
     """Algorithm 1 as train.py runs it: rollout with the greedy baseline, ref log-probs, loss, backward, AdamW."""
-    with clock.rollout():
+    with clock("generate"):
         ro = remax.rollout(m.policy, prompt, prompt_mask, clock.scored(m.reward_fn), baseline="greedy",
                            max_new_tokens=new_tokens, generator=gen)
-    with clock("scoring"), torch.no_grad():
-        ref_logp, _ = response_logprobs(m.ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)
-    with clock("training"):
+    with clock("logprobs"):
+        with torch.no_grad():
+            ref_logp, _ = response_logprobs(m.ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)
         logp, _ = response_logprobs(m.policy, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask)
         loss, _ = remax.remax_loss(logp, logp.detach(), ref_logp, ro.reward, ro.baseline, ro.response_mask,
                                    **remax.ALGORITHM_1)
-        ppo._update(m.policy, m.opt, loss)
+    clock.update(m.policy, m.opt, loss)
 
 
 def ppo_step(m: Models, prompt, prompt_mask, new_tokens: int, clock: Clock, gen) -> None:
     """DS-Chat step 3 with its defaults: one sample per prompt, RM score, ref log-probs and values, ppo.ppo_step."""
-    with clock.rollout():
+    with clock("generate"):
         ro = remax.rollout(m.policy, prompt, prompt_mask, clock.scored(m.reward_fn), baseline="none",
                            max_new_tokens=new_tokens, generator=gen)
-    with clock("scoring"):
+    with clock("logprobs"):              # ref log-probs and values, then ppo_step's forwards; its updates timed apart
         logp_ref, values_old = ppo.experience(m.critic, m.ref, ro.prompt, ro.prompt_mask, ro.response,
                                               ro.response_mask)
-    with clock("training"):
         ppo.ppo_step(m.policy, m.critic, m.ref, ro.prompt, ro.prompt_mask, ro.response, ro.response_mask, ro.reward,
-                     opt_policy=m.opt, opt_critic=m.opt_critic, logp_ref=logp_ref, values_old=values_old)
+                     opt_policy=m.opt, opt_critic=m.opt_critic, update=clock.update, logp_ref=logp_ref,
+                     values_old=values_old)
 
 
 STEPS = {"remax": remax_step, "ppo": ppo_step}
@@ -302,9 +320,7 @@ def _prompts(m: Models, batch: int, prompt_len: int, device: str, seed: int):
 
 
 def _rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
+    return memory.peak_rss_bytes()
 
 
 def _free(device: str):
@@ -334,7 +350,7 @@ def step_one(args, algo: str) -> dict:
         clock = Clock(device)
         step(m, prompt, prompt_mask, args.new_tokens, clock, gen)
         steps.append(dict(clock.t, total=sum(clock.t.values())))
-    seconds = {k: statistics.median(s[k] for s in steps) for k in (*BUCKETS, "total")}
+    seconds = {k: statistics.median(s[k] for s in steps) for k in (*PHASES, "total")}
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_bytes()
     out = dict(models=len(m.all()), optimizers=len(m.trained()), params=m.params(), seconds=seconds, steps=steps,
                tokens_per_s=args.batch * args.new_tokens / seconds["total"],
@@ -360,7 +376,7 @@ def run_step(args) -> dict:
         if cuda:
             result[algo] = step_one(args, algo)
             continue
-        # CPU: a fresh process per algorithm, so ru_maxrss is this algorithm's own high-water mark.
+        # CPU: a fresh process per algorithm, so VmHWM is this algorithm's own high-water mark.
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / f"{algo}.json"
             rc = subprocess.run(_child_argv(args, algo, out), env=dict(os.environ)).returncode
@@ -368,7 +384,7 @@ def run_step(args) -> dict:
                 raise RuntimeError(f"bench.py step: the {algo} subprocess failed (exit code {rc}; its stderr is above)")
             result[algo] = json.loads(out.read_text())
     r, p = result["remax"], result["ppo"]
-    ratio = {f"{k}_s": r["seconds"][k] / p["seconds"][k] if p["seconds"][k] else None for k in (*BUCKETS, "total")}
+    ratio = {f"{k}_s": r["seconds"][k] / p["seconds"][k] if p["seconds"][k] else None for k in (*PHASES, "total")}
     ratio.update(peak_memory=r["peak_bytes"] / p["peak_bytes"],
                  peak_memory_above_base=r["peak_above_base_bytes"] / max(p["peak_above_base_bytes"], 1))
     return dict(cmd="step", size=args.size, device=args.device, machine=machine(args.device), dtype=args.dtype,
@@ -377,7 +393,7 @@ def run_step(args) -> dict:
                 new_tokens=args.new_tokens, repeats=args.repeats,
                 timing="median over repeats after 1 warm-up step; total = median of the step totals",
                 memory=("torch.cuda.max_memory_allocated over the timed steps (weights + Adam states + activations)"
-                        if cuda else "peak RSS (ru_maxrss) of a subprocess per algorithm; base = RSS before building models"),
+                        if cuda else "peak RSS (VmHWM) of a subprocess per algorithm; base = its peak before building models"),
                 remax=r, ppo=p, ratio=ratio)
 
 
@@ -388,15 +404,16 @@ def _mb(x) -> str:
 def print_step(r: dict):
     print(f"step {r['size']} ({r['params_per_model'] / 1e6:.1f}M params per model) {r['dtype']} on {r['machine']}, "
           f"{r['threads']} threads; B={r['batch']} P={r['prompt_len']} N={r['new_tokens']}, {r['repeats']} timed steps")
-    print(f"{'':11}{'models':>7}{'gen s':>9}{'score s':>9}{'train s':>9}{'total s':>9}{'peak MB':>9}{'above base':>12}")
+    cols, fmt = (*PHASES, "total"), lambda v: "-" if v is None else f"{v:.2f}"
+    print(f"{'':11}{'models':>7}" + "".join(f"{h + ' s':>10}" for h in ("gen", "reward", "logp", "bwd", "opt", "total"))
+          + f"{'peak MB':>9}{'above base':>12}")
     for name in ALGOS:
         x, s = r[name], r[name]["seconds"]
-        print(f"{name:11}{x['models']:7d}{s['generation']:9.3f}{s['scoring']:9.3f}{s['training']:9.3f}{s['total']:9.3f}"
-              f"{_mb(x['peak_bytes']):>9}{_mb(x['peak_above_base_bytes']):>12}")
+        print(f"{name:11}{x['models']:7d}" + "".join(f"{s[k]:10.3f}" for k in cols)
+              + f"{_mb(x['peak_bytes']):>9}{_mb(x['peak_above_base_bytes']):>12}")
     q = r["ratio"]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"
-    print(f"{'remax/ppo':11}{'':7}{fmt(q['generation_s']):>9}{fmt(q['scoring_s']):>9}{fmt(q['training_s']):>9}"
-          f"{fmt(q['total_s']):>9}{fmt(q['peak_memory']):>9}{fmt(q['peak_memory_above_base']):>12}")
+    print(f"{'remax/ppo':11}{'':7}" + "".join(f"{fmt(q[k + '_s']):>10}" for k in cols)
+          + f"{fmt(q['peak_memory']):>9}{fmt(q['peak_memory_above_base']):>12}")
 
 
 # --------------------------------------------------------------------------- maxbatch
@@ -733,8 +750,8 @@ def parse_args(argv=None):
     gen.add_argument("--new-tokens", "--new_tokens", type=int, default=128)
     gen.add_argument("--repeats", type=int, default=3)
     gen.add_argument("--peak-gbs", type=float, default=3350.0, help="HBM GB/s when the GPU name is not known")
-    step = sub.add_parser("step", help="ReMax vs PPO: seconds per training step (generation/scoring/training), "
-                                       "peak memory")
+    gen.add_argument("--compile", action="store_true", help="also time generate(compile=True): the compiled decode step")
+    step = sub.add_parser("step", help="ReMax vs PPO: seconds per training step and phase, peak memory")
     maxb = sub.add_parser("maxbatch", help="ReMax vs PPO: the largest batch whose whole step fits (CUDA)")
     for s in (step, maxb):
         s.add_argument("--size", choices=list(SIZES), default="40m")
@@ -782,6 +799,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["memory"], ["smoke"]):                  # scripts of their own: memory.py, smoke.py
+        return __import__(argv[0]).main(argv[1:])
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"bench.py {args.cmd}: --device {args.device}, but torch {torch.__version__} sees no CUDA device")

@@ -61,7 +61,7 @@ def bad_prompts(bad_rows, batch, ctx: Dist) -> list[int]:
 
 @torch.no_grad()
 def eval_policy(policy, ref, reward_fn, prompts, ctx: Dist, *, pad_id: int, max_new_tokens: int, temperature: float,
-                top_p: float, top_k: int, seed: int, gold=None, tok=None) -> dict:
+                top_p: float, top_k: int, seed: int, gold=None, tok=None, compile: bool = False) -> dict:
     """Reward of greedy and sampled responses on held-out prompts, and the sampled responses' KL to pi_ref:
     kl, the sequence estimate sum_t k1_t; kl_exact, the official metric (the exact KL over the vocabulary
     at each response token, averaged over tokens). Responses are sampled as in training (official), from
@@ -73,7 +73,7 @@ def eval_policy(policy, ref, reward_fn, prompts, ctx: Dist, *, pad_id: int, max_
     with gathered(policy):
         resp, rmask = generate(policy, prompt, mask, max_new_tokens, n=2, generator=g, top_p=top_p, top_k=top_k,
                                temperature=torch.tensor([temperature] * B + [0.0] * B), pad_id=pad_id,
-                               row_offset=ctx.rank * B, total_rows=B * ctx.world)
+                               row_offset=ctx.rank * B, total_rows=B * ctx.world, compile=compile)
     r = reward_fn(prompt.repeat(2, 1), mask.repeat(2, 1), resp, rmask)
     logp, _ = response_logprobs(policy, prompt, mask, resp[:B], rmask[:B])
     ref_logp, _ = response_logprobs(ref, prompt, mask, resp[:B], rmask[:B])

@@ -4,13 +4,16 @@ One class per concept (RMSNorm, Attention, FeedForward, TransformerBlock, Transf
 attribute names equal to Hugging Face's so a state dict maps onto `model.safetensors` by adding
 the `model.` prefix. Also here: Hugging Face checkpoint I/O (sharded in and out), the tokenizer,
 KV-cached batched sampling (the `generate` that produces ReMax's sampled *and* greedy responses,
-Algorithm 1 lines 3-4) and the per-token log-probs the loss needs (Algorithm 1 line 6).
+Algorithm 1 lines 3-4; gpt-fast's one-token decode step, compilable, over a static cache, no per-token
+host sync) and the per-token log-probs the loss needs, in fp32 (Algorithm 1 line 6).
 """
+import functools
 import json
 import math
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.distributed.tensor import DTensor
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 @dataclass
@@ -145,15 +151,11 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values [B, H_kv, T_max, D]; decoding writes one column in place per token."""
+    """Preallocated keys/values [B, H_kv, T_max, D] (gpt-fast's); decoding writes one column in place per token."""
 
     def __init__(self, batch, n_kv_heads, max_len, head_dim, dtype, device):
         self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-
-    def repeat(self, n: int):
-        # One copy after the shared prefill (rows k*B + b = prompt b), never per decoded token.
-        self.k, self.v = self.k.repeat(n, 1, 1, 1), self.v.repeat(n, 1, 1, 1)
 
 
 class Attention(nn.Module):
@@ -165,20 +167,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, cache_pos: int):
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, cache_pos):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if cache is not None:
-            cache.k[:, :, cache_pos:cache_pos + T] = k
-            cache.v[:, :, cache_pos:cache_pos + T] = v
+        if torch.is_tensor(cache_pos):      # the decode step: columns as a tensor, the whole static cache attended
+            k, v = cache.k.index_copy_(2, cache_pos, k), cache.v.index_copy_(2, cache_pos, v)
+        elif cache is not None:
+            cache.k[:, :, cache_pos:cache_pos + T], cache.v[:, :, cache_pos:cache_pos + T] = k, v
             if cache_pos > 0:
                 k, v = cache.k[:, :, :cache_pos + T], cache.v[:, :, :cache_pos + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if attn_mask is None:               # nothing padded: the fused causal kernels take grouped-query heads
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        else:
+            # Masked kernels (CUDA's memory-efficient one) take no enable_gqa, and repeating K/V would copy the cache
+            # per token: fold each K/V head's group of query heads into the query axis instead, [B, H_kv, g*T, D].
+            g = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, g * T, -1), k, v,
+                                               attn_mask=attn_mask.repeat(1, 1, g, 1) if g > 1 else attn_mask)
+        return self.o_proj(y.reshape(B, self.n_heads, T, -1).transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -207,20 +216,20 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask(key_mask, T: int, cache_pos: int, sliding_window: int | None):
+def attention_mask(key_mask, T: int, cache_pos, sliding_window: int | None):
     """Boolean [B, 1, T, S] mask (True = attend): causal, no padded keys, Mistral's sliding window.
 
+    cache_pos: an int, the queries' first column (S = cache_pos + T keys), or the decode step's tensor of the T
+    columns (S = key_mask's width, the whole static cache; later columns are causally masked), with no host sync.
     Returns None when plain causal attention is exact, so SDPA can take its fused path.
     """
-    S = cache_pos + T
-    if cache_pos == 0 and (key_mask is None or bool(key_mask.all())) and (sliding_window is None or S <= sliding_window):
+    static = torch.is_tensor(cache_pos)
+    S = key_mask.shape[1] if static else cache_pos + T
+    if not static and cache_pos == 0 and (key_mask is None or bool(key_mask.all())) and (sliding_window or S) >= S:
         return None
-    q_idx = torch.arange(cache_pos, S, device=key_mask.device if key_mask is not None else None)[:, None]
+    q_idx = (cache_pos if static else torch.arange(cache_pos, S, device=None if key_mask is None else key_mask.device))[:, None]
     k_idx = torch.arange(S, device=q_idx.device)[None, :]
-    allowed = k_idx <= q_idx
-    if sliding_window is not None:
-        allowed = allowed & (q_idx - k_idx < sliding_window)
-    allowed = allowed[None, None]
+    allowed = ((k_idx <= q_idx) & (q_idx - k_idx < (sliding_window or S)))[None, None]     # no window: always true
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :S]
     # A padded query would see no key at all (NaN softmax); let it see itself, its output is unused.
@@ -248,15 +257,15 @@ class Transformer(nn.Module):
                 nn.init.ones_(p)
         return self.reset_rope()
 
-    def forward(self, tokens, positions=None, mask=None, *, cache: list[KVCache] | None = None, cache_pos: int = 0,
+    def forward(self, tokens, positions=None, mask=None, *, cache: list[KVCache] | None = None, cache_pos=0,
                 return_hidden: bool = False, targets=None, last_only: bool = False, chunk_size: int = 1024):
         """tokens [B, T] -> logits [B, T, V] (fp32-accumulated in the weights' dtype).
 
         positions: per-row position ids (default: from `mask`, else 0..T-1); mask: [B, cache_pos + T] bool,
-        True on real tokens. return_hidden: the final-norm hidden states [B, T, D] (reward/value heads).
-        targets [B, T]: return (log pi(targets), entropy) per position instead, computed in chunks of
-        `chunk_size` positions so no [B, T, V] fp32 tensor is ever alive (see `response_logprobs`).
-        last_only: logits of the last position only, [B, 1, V] (decoding).
+        True on real tokens. cache_pos: the first cache column written, or (`decode_one_token`) a tensor of the
+        T columns, with positions given and mask spanning the cache. return_hidden: the final-norm hidden states
+        [B, T, D] (reward/value heads). targets [B, T]: (log pi(targets), entropy) per position instead, in fp32
+        and in chunks of `chunk_size` tokens (see `chunked_logprobs`). last_only: logits of the last position, [B, 1, V].
         """
         B, T = tokens.shape
         if positions is None:
@@ -281,24 +290,20 @@ class Transformer(nn.Module):
         return self.lm_head(h[:, -1:] if last_only else h)
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
-        w = self.embed_tokens.weight
-        c = self.config
+        c, w = self.config, self.embed_tokens.weight
         return [KVCache(batch, c.n_kv_heads, max_len, c.head_dim, w.dtype, w.device) for _ in range(c.n_layers)]
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        path = Path(path)
-        config = read_config(path)
+        """Streamed: each tensor is read, cast and moved alone, so host memory peaks at the model plus one tensor."""
         with torch.device("meta"):
-            model = cls(config)
-        state = load_hf_state_dict(path, expected={k: v.shape for k, v in model.state_dict().items()
-                                                   if not (config.tie_embeddings and k == "lm_head.weight")})
-        if config.tie_embeddings:
-            state["lm_head.weight"] = state["embed_tokens.weight"]
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+            model = cls(config := read_config(path))
+        where = checkpoint_index(path, {k: p.shape for k, p in model.named_parameters()})   # a tied lm_head: once
+        model.load_state_dict({k: read_tensors(*w).to(device, dtype, copy=True) for k, w in where.items()},
+                              strict=not config.tie_embeddings, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        return model.reset_rope().to(device)
+        return model.reset_rope()
 
     def reset_rope(self):
         """Recompute the RoPE table (a non-persistent buffer: meta or to_empty leave it uninitialised)."""
@@ -307,9 +312,7 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, state_dict: dict | None = None, extra_files=()):
         """Write config.json + safetensors (sharded past max_shard_bytes) in transformers' layout, atomically.
-
-        state_dict: the full (gathered) weights when the model is sharded; extra_files: e.g. the tokenizer's.
-        """
+        state_dict: the full (gathered) weights when the model is sharded; extra_files: e.g. the tokenizer's."""
         state = state_dict if state_dict is not None else self.state_dict()
         cfg = self.config.to_hf()
         cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
@@ -318,45 +321,40 @@ class Transformer(nn.Module):
 
 
 def chunked_logprobs(h, weight, targets, chunk_size: int):
-    """log softmax(h W^T)[targets] and the entropy, chunk by chunk over positions.
-
-    Each chunk is recomputed in backward (checkpoint), so peak memory holds one [B, chunk, V]
-    block instead of [B, T, V] fp32: with V=128k and T=512 that is the difference between MBs and GBs.
-    """
+    """log softmax(h W^T)[targets] and the entropy [B, T], in fp32 whatever the weights' dtype, `chunk_size` tokens
+    at a time. The product itself is fp32: bf16 logits are rounded to steps of 0.125 near 25 (7B scales), ~0.01-0.02
+    nats of error per log-prob. Chunks run over the B*T tokens and are recomputed in backward (checkpoint), so peak
+    memory holds one [chunk, V] fp32 block (0.5 GB at 1024 x 128k) and bf16 weights' fp32 copy, whatever B and T."""
     def one(h_c, t_c):
-        logits = (h_c @ weight.T).float()
+        logits = h_c.float() @ weight.float().T
         lse = logits.logsumexp(-1)
-        logp = logits.gather(-1, t_c[..., None]).squeeze(-1) - lse
+        logp = logits.gather(-1, t_c[:, None])[:, 0] - lse
         with torch.no_grad():
             ent = lse - (logits.softmax(-1) * logits).sum(-1)
         return logp, ent
-    outs = []
-    for s in range(0, h.shape[1], chunk_size):
-        args = (h[:, s:s + chunk_size], targets[:, s:s + chunk_size])
-        use_ckpt = torch.is_grad_enabled() and h.requires_grad and h.shape[1] > chunk_size
-        outs.append(torch.utils.checkpoint.checkpoint(one, *args, use_reentrant=False) if use_ckpt else one(*args))
-    return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
+    flat, t, use_ckpt = h.flatten(0, 1), targets.flatten(), torch.is_grad_enabled() and h.requires_grad
+    outs = [torch.utils.checkpoint.checkpoint(one, *a, use_reentrant=False) if use_ckpt and len(t) > chunk_size else one(*a)
+            for a in zip(flat.split(chunk_size), t.split(chunk_size))]
+    # Not views: FSDP2 hooks a root module's outputs for backward, and a view's in-place use would skip the hook.
+    return tuple(torch.cat(o).view(targets.shape).clone() for o in zip(*outs))
 
 
 def response_logprobs(model, prompt, prompt_mask, response, response_mask, *, chunk_size: int = 1024):
     """log pi(a_t | x, a_<t) for each response token (Algorithm 1 line 6) and the policy entropy there.
 
-    Positions come from the joint mask, so the left-padded prompt gives the same numbers as at
-    sampling time. Values at masked response positions are meaningless; the loss masks them.
+    Positions come from the joint mask, so the left-padded prompt gives the same numbers as at sampling time;
+    tokens after the first EOS are masked keys given the next positions, so nothing that matters depends on them.
+    Values at masked response positions are meaningless; the loss masks them.
     """
-    P = prompt.shape[1]
-    tokens = torch.cat([prompt, response], 1)
-    mask = torch.cat([prompt_mask, response_mask], 1)
-    # Tokens after the first EOS are masked keys, but they still need a position; give them the
-    # next ones so nothing that matters depends on them.
+    P, tokens, mask = prompt.shape[1], torch.cat([prompt, response], 1), torch.cat([prompt_mask, response_mask], 1)
     positions = positions_from_mask(torch.cat([prompt_mask, torch.ones_like(response_mask)], 1))
     targets = torch.cat([tokens[:, 1:], tokens[:, -1:]], 1)
     logp, ent = model(tokens, positions, mask, targets=targets, chunk_size=chunk_size)
     return logp[:, P - 1:-1], ent[:, P - 1:-1]
 
 
-# Top-p looks for each row's nucleus among its NUCLEUS_K most likely tokens first (a partial sort);
-# only rows whose nucleus is longer search the full vocabulary (a threshold bisection, never a sort).
+# Top-p looks for each row's nucleus among its NUCLEUS_K most likely tokens (a partial sort); rows whose nucleus is
+# longer take the full vocabulary's, a threshold bisection (no sort), computed for every row: picking rows would sync.
 NUCLEUS_K = 256
 
 
@@ -389,20 +387,16 @@ def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, noise=N
                 greedy: bool | None = None, sampled: bool | None = None):
     """One token per row; rows with temperature 0 take the argmax (the ReMax baseline is greedy).
 
-    Sampled rows draw from softmax(logits / temperature) restricted to the top_k most likely tokens
-    (ties with the k-th kept) and then to the nucleus: the most likely tokens, in order, while the
-    mass before them is < top_p (transformers' TopPLogitsWarper: the token that crosses top_p is kept;
-    ties in probability at that boundary may be kept too). The draw is by inverse CDF: the token whose interval of the (float64)
-    cumulative distribution holds noise * mass. noise: one U[0, 1) draw per row (from `generator`
-    when not given), so a step costs one random number per row, not one per vocabulary entry.
-    greedy / sampled: whether any row has temperature 0 / > 0; None checks (a host sync),
-    `generate` decides once per call.
+    Sampled rows draw from softmax(logits / temperature) restricted to the top_k most likely tokens (ties with
+    the k-th kept) and then to the nucleus: the most likely tokens, in order, while the mass before them is < top_p
+    (transformers' TopPLogitsWarper: the token that crosses top_p is kept; ties at that boundary may be kept too).
+    The draw is by inverse CDF: the token whose interval of the (float64) cumulative distribution holds noise * mass.
+    noise: one U[0, 1) per row (from `generator` when not given), not one per vocabulary entry. greedy / sampled:
+    whether any row has temperature 0 / > 0; None checks (a host sync), `generate` decides once per call.
     """
     is_greedy = temperature == 0
-    if greedy is None:
-        greedy = bool(is_greedy.any())
-    if sampled is None:
-        sampled = not bool(is_greedy.all())
+    greedy = bool(is_greedy.any()) if greedy is None else greedy
+    sampled = (not bool(is_greedy.all())) if sampled is None else sampled
     argmax = logits.argmax(-1) if greedy else None
     if not sampled:
         return argmax
@@ -416,74 +410,112 @@ def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, noise=N
         kth = w.topk(min(top_k, V), dim=-1).values[:, -1:]
         w = w.masked_fill_(w < kth, 0.0)
     if top_p >= 1.0:
-        return _finish(_invert_cdf(w, noise), argmax, is_greedy)
-    bound = top_p * w.sum(-1, keepdim=True, dtype=torch.float64)
-    vals, ids = w.topk(min(NUCLEUS_K, V), dim=-1)
-    keep = vals.cumsum(-1, dtype=torch.float64) - vals < bound
-    tok = ids.gather(-1, _invert_cdf(vals.masked_fill(~keep, 0.0), noise)[:, None])[:, 0]
-    if NUCLEUS_K < V:
-        longer = keep[:, -1]  # the NUCLEUS_K-th token is still inside: the nucleus may go on
-        if bool(longer.any()):
-            rows = longer.nonzero()[:, 0]
-            wr = w[rows]
-            wr = wr.masked_fill_(wr < _nucleus_threshold(wr, bound[rows]), 0.0)
-            tok[rows] = _invert_cdf(wr, noise[rows])
-    return _finish(tok, argmax, is_greedy)
-
-
-def _finish(tok, argmax, is_greedy):
+        tok = _invert_cdf(w, noise)
+    else:
+        bound = top_p * w.sum(-1, keepdim=True, dtype=torch.float64)
+        vals, ids = w.topk(min(NUCLEUS_K, V), dim=-1)
+        keep = vals.cumsum(-1, dtype=torch.float64) - vals < bound
+        tok = ids.gather(-1, _invert_cdf(vals.masked_fill(~keep, 0.0), noise)[:, None])[:, 0]
+        if NUCLEUS_K < V:    # rows whose NUCLEUS_K-th token is still inside: the full-vocabulary draw
+            w = w.masked_fill_(w < _nucleus_threshold(w, bound), 0.0)
+            tok = torch.where(keep[:, -1], _invert_cdf(w, noise), tok)
     return tok if argmax is None else torch.where(is_greedy, argmax, tok)
+
+
+# Decoding syncs with the host once per STOP_CHECK_EVERY tokens, to stop once every row has (tokens decoded past a
+# row's stop are masked, as always). compile=True left-pads prompts to a multiple of PROMPT_BUCKET tokens: one graph
+# per bucket (4 for prompts of up to 256 tokens) and batch size, not one per prompt length.
+STOP_CHECK_EVERY, PROMPT_BUCKET = 16, 64
+_DECODERS = weakref.WeakKeyDictionary()
+
+
+def decoder(model) -> Transformer:
+    """`model` without hooks: its architecture, built once on the meta device, holding model's current tensors (no
+    copies). Decoding runs through it, so FSDP2's per-module hooks neither run for every token nor enter a compiled
+    graph, and torch.compile lifts its parameters into graph inputs, never constants. An FSDP2 model must be unsharded
+    first (`unshard()` on each FSDP module, as train.py's rollouts do): its parameters are then the gathered tensors."""
+    if (shell := _DECODERS.get(model)) is None:
+        with torch.device("meta"):
+            shell = _DECODERS[model] = Transformer(model.config, lm_head=model.lm_head is not None).eval()
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if isinstance(t, DTensor):
+            raise ValueError(f"generate: {name} is sharded (FSDP2): unshard the model first (see model.decoder)")
+        sub, attr = shell.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        (sub._parameters if attr in sub._parameters else sub._buffers)[attr] = t
+    return shell
+
+
+def decode_one_token(model, s: dict, i):
+    """Token i of every row, sampled from s["logits"] into s["out"] (pad_id once the row has stopped), then fed through
+    `model` at cache column P + i for token i + 1's logits. gpt-fast's decode step, for torch.compile(fullgraph=True):
+    shapes fixed for the rollout (cache, key mask and outputs span all P + N columns, those not decoded yet masked),
+    i a [1] tensor, no branch on data: one graph serves every token of every rollout of that shape."""
+    noise = s["noise"].index_select(0, i)[0] if s["sampled"] else None
+    tok = sample_next(s["logits"], s["temperature"], s["top_p"], s["top_k"], noise, greedy=s["greedy"], sampled=s["sampled"])
+    s["out"].index_copy_(1, i, torch.where(s["done"], s["pad_id"], tok)[:, None])
+    s["out_mask"].index_copy_(1, i, ~s["done"][:, None])
+    s["done"].logical_or_(torch.isin(tok, s["stop"]))
+    s["logits"].copy_(model(s["out"].index_select(1, i), (s["next_pos"] + i)[:, None], s["key_mask"], cache=s["cache"],
+                            cache_pos=s["key_mask"].shape[1] - s["out"].shape[1] + i, last_only=True)[:, -1])
+
+
+@functools.cache
+def compiled_decode_one_token(mode: str | None):
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=mode)
 
 
 @torch.inference_mode()
 def generate(model, prompt, prompt_mask, max_new_tokens: int, *, n: int = 1, temperature=1.0, top_p: float = 1.0,
              top_k: int = 0, stop_ids: list[int] | None = None, pad_id: int = 0, generator=None,
-             row_offset: int = 0, total_rows: int | None = None):
+             row_offset: int = 0, total_rows: int | None = None, compile: bool = False):
     """Sample responses to left-padded prompts with a preallocated KV cache (Algorithm 1 lines 3-4).
 
     The B prompts are prefilled once and the cache is repeated n times: row k*B + b continues prompt b.
-    `temperature` is a float or one value per output row; 0 means greedy. Returns response [n*B, N]
-    and its mask, True up to and including the first stop token (which is trained on, as in the
-    official code); later positions hold pad_id. N <= max_new_tokens: decoding stops when all rows did.
-    Sampling uses one uniform per row and step, all drawn up front as [max_new_tokens, n, total_rows]
-    from `generator`. When these B prompts are rows [row_offset, row_offset + B) of a global batch of
-    total_rows sharded over ranks, this shard keeps its rows of that draw, so every rank samples exactly
-    what one process would (world-size-invariant, reproducible runs).
+    `temperature` is a float or one value per output row; 0 means greedy. Returns response [n*B, N] and its mask,
+    True up to and including the first stop token (which is trained on, as in the official code); later positions
+    hold pad_id. N <= max_new_tokens: decoding stops when all rows did. Sampling uses one uniform per row and step,
+    all drawn up front as [max_new_tokens, n, total_rows] from `generator`. When these B prompts are rows
+    [row_offset, row_offset + B) of a global batch of total_rows sharded over ranks, this shard keeps its rows of
+    that draw, so every rank samples exactly what one process would (world-size-invariant, reproducible runs).
+
+    compile: `decode_one_token` compiled (fullgraph, static shapes; on CUDA gpt-fast's "reduce-overhead", CUDA
+    graphs), the tokens of eager decoding. Weights are graph inputs, never stale: CUDA graphs read them at the
+    addresses recorded, in-place updates included, and where FSDP2 gathered them into new storage (a new rollout
+    may) torch re-records before replaying (a static-input address change, not counted against its re-record limit).
+    The KV cache and the step's state are marked static addresses: a replay copies no input but the step index.
+    One graph per (rows, bucketed prompt length, max_new_tokens, sampling settings); see `decoder` for FSDP2.
     """
     B, P = prompt.shape
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompt: expected left padding (every row's last column a real token) and no empty prompt")
-    device = prompt.device
-    stop = torch.tensor(model.config.stop_ids if stop_ids is None else stop_ids, device=device, dtype=torch.long)
-    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=device).expand(n * B).contiguous()
-    cache = model.make_cache(B, P + max_new_tokens)
+    if compile and P % PROMPT_BUCKET:
+        prompt, prompt_mask = F.pad(prompt, (-P % PROMPT_BUCKET, 0)), F.pad(prompt_mask, (-P % PROMPT_BUCKET, 0))
+    device, R, N, model = prompt.device, n * B, max_new_tokens, decoder(model)
+    # Host-to-device copies below are non_blocking: a blocking one waits on the stream (a sync on CUDA).
+    temperature = torch.as_tensor(temperature, dtype=torch.float32).to(device, non_blocking=True).expand(R).contiguous()
+    greedy, sampled = torch.stack([(temperature == 0).any(), (temperature > 0).any()]).tolist()    # one sync
+    cache = model.make_cache(B, prompt.shape[1] + N)
     logits = model(prompt, positions_from_mask(prompt_mask), prompt_mask, cache=cache, last_only=True)[:, -1]
-    for c in cache:
-        c.repeat(n)
-    logits = logits.repeat(n, 1)
-    key_mask = torch.ones(n * B, P + max_new_tokens, dtype=torch.bool, device=device)
-    key_mask[:, :P] = prompt_mask.repeat(n, 1)
-    next_pos = prompt_mask.long().sum(-1).repeat(n)
-    out = torch.full((n * B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    out_mask = torch.zeros(n * B, max_new_tokens, dtype=torch.bool, device=device)
-    done = torch.zeros(n * B, dtype=torch.bool, device=device)
-    greedy_rows, sampled_rows = bool((temperature == 0).any()), bool((temperature > 0).any())
-    total_rows = total_rows or B
-    noise = None
-    if sampled_rows:
-        noise = torch.rand(max_new_tokens, n, total_rows, generator=generator, device=device, dtype=torch.float64)
-        noise = noise[:, :, row_offset:row_offset + B].reshape(max_new_tokens, n * B)
-    for i in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_p, top_k, noise[i] if sampled_rows else None,
-                          greedy=greedy_rows, sampled=sampled_rows)
-        out[:, i] = torch.where(done, pad_id, tok)
-        out_mask[:, i] = ~done
-        done |= torch.isin(tok, stop)
-        if i + 1 == max_new_tokens or bool(done.all()):
-            return out[:, :i + 1], out_mask[:, :i + 1]
-        logits = model(out[:, i:i + 1], (next_pos + i)[:, None], key_mask, cache=cache, cache_pos=P + i,
-                       last_only=True)[:, -1]
-    return out, out_mask
+    for c in cache:                     # one copy after the shared prefill (rows k*B + b = prompt b), not per token
+        c.k, c.v = c.k.repeat(n, 1, 1, 1), c.v.repeat(n, 1, 1, 1)
+    noise = torch.rand(N, n, total_rows or B, generator=generator, device=device, dtype=torch.float64) if sampled else None
+    s = dict(cache=cache, logits=logits.repeat(n, 1), key_mask=F.pad(prompt_mask, (0, N), value=True).repeat(n, 1),
+             next_pos=prompt_mask.sum(-1).repeat(n), temperature=temperature,
+             noise=None if noise is None else noise[:, :, row_offset:row_offset + B].reshape(N, R),
+             stop=torch.tensor(model.config.stop_ids if stop_ids is None else stop_ids).long().to(device, non_blocking=True),
+             out=torch.full((R, N), pad_id, dtype=torch.long, device=device), out_mask=torch.zeros(R, N, dtype=torch.bool,
+             device=device), done=torch.zeros(R, dtype=torch.bool, device=device), top_p=top_p, top_k=top_k, pad_id=pad_id,
+             greedy=greedy, sampled=sampled)
+    for t in [*(t for c in cache for t in (c.k, c.v)), *(t for t in s.values() if torch.is_tensor(t))] if compile else ():
+        torch._dynamo.mark_static_address(t)
+    step = compiled_decode_one_token("reduce-overhead" if device.type == "cuda" else None) if compile else decode_one_token
+    steps = torch.arange(N, device=device)
+    for i in range(N):
+        step(model, s, steps[i:i + 1])
+        if (i + 1) % STOP_CHECK_EVERY == 0 and i + 1 < N and bool(s["done"].all()):
+            break
+    n_out = int(s["out_mask"].sum(-1).max())
+    return s["out"][:, :n_out], s["out_mask"][:, :n_out]
 
 
 def hf_name(key: str) -> str:
@@ -495,11 +527,10 @@ def read_config(path) -> ModelConfig:
     generate stops on those (Llama-3-Instruct ends a turn with <|eot_id|>, listed only there)."""
     path = Path(path)
     config = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
-    if (path / "generation_config.json").is_file():
-        eos = read_json(path / "generation_config.json").get("eos_token_id")
-        more = [i for i in ([] if eos is None else [eos] if isinstance(eos, int) else eos) if i not in config.stop_ids]
-        if more:
-            config.eos_id = config.stop_ids + more
+    eos = (read_json(g) if (g := path / "generation_config.json").is_file() else {}).get("eos_token_id")
+    more = [i for i in ([] if eos is None else [eos] if isinstance(eos, int) else eos) if i not in config.stop_ids]
+    if more:
+        config.eos_id = config.stop_ids + more
     return config
 
 
@@ -513,74 +544,78 @@ def read_json(path) -> dict:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
 
 
-def load_hf_state_dict(path, expected: dict) -> dict:
-    """Read model.safetensors or its shards, keyed by our names; check names and shapes against `expected`."""
-    from safetensors.torch import load_file
+def read_tensors(file: Path, key: str | None = None):
+    """A checkpoint file's tensors {name: tensor}, or the one named `key`, memory-mapped: pages are read when used and
+    leave host memory with the last tensor of the call, so one key per call streams. A .bin (transformers 4's
+    torch.save) is unpickled with weights_only=True: tensors and plain containers only, never other objects."""
+    try:
+        if file.suffix == ".bin":
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            with safe_open(file, "pt") as f:
+                tensors = {k: f.get_tensor(k) for k in ([key] if key else f.keys())}
+    except Exception as e:      # a git-lfs pointer, a cut download, a pickle that holds more than tensors
+        why = next((l for l in str(e).splitlines() if "GLOBAL" in l), (str(e) or type(e).__name__).splitlines()[0])
+        kind = "PyTorch" if file.suffix == ".bin" else "safetensors"
+        raise ValueError(f"{file}: not a readable {kind} checkpoint ({why.strip()})") from None
+    return tensors if key is None else tensors[key]
+
+
+def checkpoint_index(path, expected: dict) -> dict[str, tuple[Path, str]]:
+    """{our name: (file, key)} for `expected` ({our name: shape}) in model.safetensors or pytorch_model.bin, single
+    or sharded (.index.json). Names and shapes are checked from the headers, before any weight is read."""
     path = Path(path)
-    if (path / "model.safetensors.index.json").is_file():
-        weight_map = read_json(path / "model.safetensors.index.json").get("weight_map", {})
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                "(only safetensors checkpoints are loaded; convert .bin files first)")
-    state = {}
-    for f in files:
-        try:
-            tensors = load_file(path / f)
-        except Exception as e:    # safetensors' own error type; e.g. a git-lfs pointer or a cut download
-            raise ValueError(f"{path / f}: not a readable safetensors file ({e})") from None
-        for k, v in tensors.items():
-            state[k if k.startswith(("lm_head.", "score.", "regression_head.")) else k.removeprefix("model.")] = v
-    missing = [hf_name(k) for k in expected if k not in state]
-    unexpected = [hf_name(k) for k in state if k not in expected and not k.endswith("rotary_emb.inv_freq")]
-    if missing:
-        raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        raise ValueError(f"{path}: unexpected tensor(s) {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    name = next((n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()
+                 or (path / f"{n}.index.json").is_file()), None)
+    if name is None:
+        raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json")
+    index = path / f"{name}.index.json"
+    files = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else [name]
+    found = {k.removeprefix("model."): (path / f, k, t.shape) for f in files for k, t in read_tensors(path / f).items()}
+    for what, names in (("missing", [hf_name(k) for k in expected if k not in found]), ("unexpected", [
+            hf_name(k) for k in found if k not in expected and not k.endswith("rotary_emb.inv_freq")])):
+        if names:
+            raise ValueError(f"{path}: {what} tensor(s) {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
     for k, shape in expected.items():
-        if state[k].shape != shape:
-            raise ValueError(f"{path}: tensor {hf_name(k)} has shape {list(state[k].shape)}, expected {list(shape)}")
-    return {k: state[k] for k in expected}
+        if found[k][2] != shape:
+            raise ValueError(f"{path}: tensor {hf_name(k)} has shape {list(found[k][2])}, expected {list(shape)}")
+    return {k: found[k][:2] for k in expected}
+
+
+def load_hf_state_dict(path, expected: dict) -> dict:
+    return {k: read_tensors(*where) for k, where in checkpoint_index(path, expected).items()}
 
 
 def save_hf_checkpoint(path, config: dict, tensors: dict, max_shard_bytes: int = 5 * 2**30, extra_files=()):
     """Write a HF folder into a temp dir, then rename it into place: a crash never leaves half a checkpoint."""
-    from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
+    os.umask(umask := os.umask(0))
     tmp.chmod(0o777 & ~umask)          # mkdtemp's 0700 would survive the rename: unreadable to other users
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shards, size = [[]], 0
         for k, v in tensors.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
+            if shards[-1] and size + v.nbytes > max_shard_bytes:
+                shards, size = shards + [[]], 0
             shards[-1].append(k)
-            size += nbytes
+            size += v.nbytes
         names = ["model.safetensors"] if len(shards) == 1 else \
             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, keys in zip(names, shards):
             save_file({k: tensors[k].detach().contiguous().cpu() for k in keys}, tmp / name, metadata={"format": "pt"})
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
+            index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
                      "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for src in extra_files:
             shutil.copy(src, tmp / Path(src).name)
-        old = None
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

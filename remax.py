@@ -189,14 +189,15 @@ def _trim(tokens, mask):
 
 
 def rollout(policy, prompt, prompt_mask, reward_fn, *, baseline="greedy", max_new_tokens, temperature=1.0,
-            top_p=1.0, top_k=0, generator=None, pad_id=0, row_offset=0, total_rows=None) -> Rollout:
+            top_p=1.0, top_k=0, generator=None, pad_id=0, row_offset=0, total_rows=None, compile=False) -> Rollout:
     """Sampled and baseline responses of `policy` to left-padded prompts, scored by `reward_fn` in one batch.
 
     The sampled and greedy responses come from one `generate` call with n=2: the prompt is prefilled
     once, rows B..2B-1 decode at temperature 0 (argmax at every step, no top-p/top-k) from the same
     weights and the prompt alone, with the same length limit and stop rule. The official scripts sample
     with top_p=0.9, temperature=1.0; the estimator is unbiased only at top_p=1, top_k=0, temperature=1.
-    row_offset / total_rows: this rank's rows of a sharded global batch (see model.generate).
+    row_offset / total_rows: this rank's rows of a sharded global batch; compile: the compiled decode step
+    (both: see model.generate).
     """
     if baseline not in BASELINES:
         raise ValueError(f"rollout: baseline must be one of {BASELINES}, got {baseline!r}")
@@ -216,7 +217,7 @@ def rollout(policy, prompt, prompt_mask, reward_fn, *, baseline="greedy", max_ne
         temps = torch.tensor([temps] * B + [0.0] * B, device=prompt.device)
     response, response_mask = generate(policy, prompt, prompt_mask, max_new_tokens, n=n, temperature=temps,
                                        top_p=top_p, top_k=top_k, pad_id=pad_id, generator=generator,
-                                       row_offset=row_offset, total_rows=total_rows)
+                                       row_offset=row_offset, total_rows=total_rows, compile=compile)
     # generate runs in inference mode; its tensors could not be saved for the backward of line 6.
     response, response_mask = response.clone(), response_mask.clone()
     prompts, prompt_masks = prompt.repeat(n, 1), prompt_mask.repeat(n, 1)

@@ -2357,6 +2357,15 @@ def _same_metrics(a, b):
         assert {k: v for k, v in x.items() if k not in TIMING} == {k: v for k, v in y.items() if k not in TIMING}
 
 
+def test_compiled_decoding_trains_exactly_as_eager(task, tmp_path):
+    # --compile: rollouts and evaluation decode with the compiled one-token step (model.decode_one_token) on the
+    # gathered weights; same tokens, so the same run, metric for metric.
+    root, files = task
+    for flag in ([], ["--compile"]):
+        _remax(root, files, tmp_path / f"c{len(flag)}", "--max_steps", "2", "--eval_every", "1", *flag)
+    _same_metrics(_rows(tmp_path / "c0" / "metrics.jsonl"), _rows(tmp_path / "c1" / "metrics.jsonl"))
+
+
 def test_resume_continues_exactly_as_the_uninterrupted_run(task, tmp_path):
     root, files = task
     _remax(root, files, tmp_path / "full", "--max_steps", "4")
@@ -2889,6 +2898,22 @@ def test_ctrl_c_ends_with_one_line_naming_the_newest_checkpoint_and_the_command_
     resume = shlex.split(lines[0].split("resume with: ")[1])
     cfg = train.parse_args(resume[2:])
     assert resume[-1] == "--resume" and cfg.resume and cfg.out_dir == str(out) and cfg.max_steps == 500
+    # Under torchrun (Ctrl-C reaches the launcher and both ranks): rank 0 says the same, rank 1 exits quietly,
+    # and no rank prints a traceback (the launcher's own SignalException report is torchrun's).
+    import re
+    out2 = tmp_path / "run2"
+    cmd[cmd.index(out)] = out2
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          *map(str, cmd)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out2 / "checkpoints").glob("step_*/meta.json")):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    stderr = p.communicate(timeout=120)[1]
+    ours = [l for l in stderr.splitlines() if "train.py: interrupted" in l]
+    assert len(ours) == 1 and "resume with: torchrun --nproc_per_node=2 train.py " in ours[0], stderr[-3000:]
+    assert not re.search(r'File "[^"]*/(train|fsdp|metrics|remax|ppo|model|data|reward)\.py"', stderr), stderr[-3000:]
 
 
 def test_console_shows_changed_flags_progress_with_eta_and_evaluations_and_saves(task, tmp_path):

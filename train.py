@@ -74,6 +74,7 @@ class Config:
     temperature: float = flag(1.0, "sampling temperature", ">= 0", RL)
     top_p: float | None = flag(None, "nucleus; default the preset's (official 0.9, algorithm1 1)", "in (0, 1]", RL)
     top_k: int = flag(0, "top-k sampling, 0 = off", ">= 0", RL)
+    compile: bool = flag(False, "decode with the compiled one-token step (CUDA graphs on a GPU)", None, RL, True)
     max_prompt_len: int = flag(256, "prompt tokens", ">= 1")
     overlong: str = flag("truncate", "a longer prompt: keep its last tokens (official) or error", ("truncate", "error"))
     max_new_tokens: int = flag(256, "response tokens generated", ">= 1", RL)
@@ -134,9 +135,8 @@ def validate(cfg: Config):
             "--beta sets its kl_ctl)" if run == "ppo" and any("remax" in f.metadata["runs"] for f in unused) else
             f"not used by --stage {cfg.stage}" + (" (--critic and --critic_lr are for --algo ppo)"
                                                    if "ppo" in unused[0].metadata["runs"] else "")))
-    for name in ("policy", "data") if run != "demo" else ():
-        if not getattr(cfg, name):
-            raise SystemExit(f"--{name} is required for --stage {cfg.stage}")
+    if run != "demo" and (missing := [name for name in ("policy", "data") if not getattr(cfg, name)]):
+        raise SystemExit(f"--{missing[0]} is required for --stage {cfg.stage}")
     if run in RL and bool(cfg.reward_model) == bool(cfg.reward_fn):
         raise SystemExit("--reward_model, --reward_fn: give exactly one of them for --stage remax")
     if run == "ppo" and not cfg.critic and (cfg.reward_format == "ultrarm" or cfg.reward_fn):
@@ -300,7 +300,7 @@ def train_remax(cfg: Config, ctx: Dist, reward_fn=None) -> dict:
     gen = torch.Generator(ctx.device).manual_seed(cfg.seed)
     top_p = cfg.top_p if cfg.top_p is not None else remax.PRESET_TOP_P[cfg.preset]
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=top_p, top_k=cfg.top_k,
-                    pad_id=tok.pad, generator=gen, row_offset=ctx.split(cfg.batch_size).start,
+                    compile=cfg.compile, pad_id=tok.pad, generator=gen, row_offset=ctx.split(cfg.batch_size).start,
                     total_rows=cfg.batch_size)
     gather = partial(fsdp.gathered, seconds=(seconds := {}))   # how long each rollout (generation, scoring) took
 
@@ -312,9 +312,9 @@ def train_remax(cfg: Config, ctx: Dist, reward_fn=None) -> dict:
         return metrics.step_row(stats, rows, batch, ctx) | dict(t_gen=t_gen, t_train=dt - t_gen, tokens_per_s=ctx.sum(
             float(rows["length"].sum())) / dt, peak_mem_gb=fsdp.peak_memory_gb(ctx.device))
 
-    held_out = partial(metrics.eval_policy, policy, ref, reward_fn, eval_prompts, ctx, pad_id=tok.pad,
+    held_out = partial(metrics.eval_policy, policy, ref, reward_fn, eval_prompts, ctx, pad_id=tok.pad, tok=tok,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=top_p, top_k=cfg.top_k,
-                       seed=cfg.seed + 1, gold=data.gold_score if cfg.gold == "synthetic" else None, tok=tok)
+                       seed=cfg.seed + 1, gold=data.gold_score if cfg.gold == "synthetic" else None, compile=cfg.compile)
     return loop(cfg, ctx, cfg.algo, len(prompts), step_fn, trained, tok, held_out, lr_scale, gen, rl=True,
                 show=("loss", "reward_mean", "baseline_mean", "kl"))
 
