@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+import memory
 from model import Tokenizer, Transformer, checkpoint_index, read_config, read_json, read_tensors
 from reward import HEADS
 
@@ -251,10 +252,9 @@ def make_update(ctx: Dist, lr: float, grad_clip: float, lr_scale: dict | None = 
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's peak: CUDA's allocator statistics, or the kernel's high-water mark VmHWM on a CPU
+    (getrusage's ru_maxrss starts a child process at its parent's peak)."""
+    return (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else memory.peak_rss_bytes()) / 2**30
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -61,30 +61,38 @@ def bad_prompts(bad_rows, batch, ctx: Dist) -> list[int]:
 
 @torch.no_grad()
 def eval_policy(policy, ref, reward_fn, prompts, ctx: Dist, *, pad_id: int, max_new_tokens: int, temperature: float,
-                top_p: float, top_k: int, seed: int, gold=None, tok=None, compile: bool = False) -> dict:
+                top_p: float, top_k: int, seed: int, gold=None, tok=None, compile: bool = False, chunk: int = 0) -> dict:
     """Reward of greedy and sampled responses on held-out prompts, and the sampled responses' KL to pi_ref:
     kl, the sequence estimate sum_t k1_t; kl_exact, the official metric (the exact KL over the vocabulary
     at each response token, averaged over tokens). Responses are sampled as in training (official), from
     a generator of their own, so evaluating never moves the training samples. gold(prompt text, response
-    text) -> float: a programmatic score of the greedy responses (decoded with `tok`), e.g. data.gold_score."""
-    prompt, mask = data.left_pad(prompts, pad_id, ctx.device)
-    g = torch.Generator(ctx.device).manual_seed(seed)
-    B = len(prompts)
-    with gathered(policy):
-        resp, rmask = generate(policy, prompt, mask, max_new_tokens, n=2, generator=g, top_p=top_p, top_k=top_k,
-                               temperature=torch.tensor([temperature] * B + [0.0] * B), pad_id=pad_id,
-                               row_offset=ctx.rank * B, total_rows=B * ctx.world, compile=compile)
-    r = reward_fn(prompt.repeat(2, 1), mask.repeat(2, 1), resp, rmask)
-    logp, _ = response_logprobs(policy, prompt, mask, resp[:B], rmask[:B])
-    ref_logp, _ = response_logprobs(ref, prompt, mask, resp[:B], rmask[:B])
-    stats = {"reward_sampled": r[:B].mean().item(), "reward_greedy": r[B:].mean().item(),
-             "kl": torch.where(rmask[:B], logp - ref_logp, 0.0).sum(-1).mean().item(),  # sequence KL estimate (k1)
-             "length_greedy": rmask[B:].sum(-1).float().mean().item()}
-    if gold is not None:
-        texts = tok.decode_batch(p[m].tolist() for p, m in zip(prompt, mask))
-        greedy = tok.decode_batch(x[m].tolist() for x, m in zip(resp[B:], rmask[B:]))
-        stats["gold_greedy"] = sum(gold(p, a) for p, a in zip(texts, greedy)) / B
-    return ctx.mean(stats) | {"kl_exact": exact_kl_over_ranks(policy, ref, prompt, mask, resp[:B], rmask[:B], ctx)}
+    text) -> float: a programmatic score of the greedy responses (decoded with `tok`), e.g. data.gold_score.
+    chunk: prompts decoded at once (train.py: the training batch's), so evaluation needs no more memory than
+    a rollout; every chunk replays the one noise draw at its global rows, so the samples are one call's."""
+    B, chunk = len(prompts), chunk or len(prompts)
+    sums, kl_exact, kl_tokens = {}, 0.0, 0.0
+    for s in range(0, B, chunk):
+        prompt, mask = data.left_pad(prompts[s:s + chunk], pad_id, ctx.device)
+        n = len(prompt)
+        with gathered(policy):
+            resp, rmask = generate(policy, prompt, mask, max_new_tokens, n=2, top_p=top_p, top_k=top_k, compile=compile,
+                                   generator=torch.Generator(ctx.device).manual_seed(seed), pad_id=pad_id,
+                                   temperature=torch.tensor([temperature] * n + [0.0] * n),
+                                   row_offset=ctx.rank * B + s, total_rows=B * ctx.world)
+        r = reward_fn(prompt.repeat(2, 1), mask.repeat(2, 1), resp, rmask)
+        logp, _ = response_logprobs(policy, prompt, mask, resp[:n], rmask[:n])
+        ref_logp, _ = response_logprobs(ref, prompt, mask, resp[:n], rmask[:n])
+        part = {"reward_sampled": r[:n].sum().item(), "reward_greedy": r[n:].sum().item(),
+                "kl": torch.where(rmask[:n], logp - ref_logp, 0.0).sum().item(), "length_greedy": rmask[n:].sum().item()}
+        if gold is not None:
+            texts = tok.decode_batch(p[m].tolist() for p, m in zip(prompt, mask))
+            greedy = tok.decode_batch(x[m].tolist() for x, m in zip(resp[n:], rmask[n:]))
+            part["gold_greedy"] = sum(gold(p, a) for p, a in zip(texts, greedy))
+        sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+        tokens = ctx.sum(float(rmask[:n].sum()))          # exact_kl_over_ranks: a mean over the chunk's tokens
+        kl_exact += exact_kl_over_ranks(policy, ref, prompt, mask, resp[:n], rmask[:n], ctx) * tokens
+        kl_tokens += tokens
+    return ctx.mean({k: v / B for k, v in sums.items()}) | {"kl_exact": kl_exact / max(1.0, kl_tokens)}
 
 
 @torch.no_grad()

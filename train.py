@@ -312,9 +312,9 @@ def train_remax(cfg: Config, ctx: Dist, reward_fn=None) -> dict:
         return metrics.step_row(stats, rows, batch, ctx) | dict(t_gen=t_gen, t_train=dt - t_gen, tokens_per_s=ctx.sum(
             float(rows["length"].sum())) / dt, peak_mem_gb=fsdp.peak_memory_gb(ctx.device))
 
-    held_out = partial(metrics.eval_policy, policy, ref, reward_fn, eval_prompts, ctx, pad_id=tok.pad, tok=tok,
-                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=top_p, top_k=cfg.top_k,
-                       seed=cfg.seed + 1, gold=data.gold_score if cfg.gold == "synthetic" else None, compile=cfg.compile)
+    held_out = partial(metrics.eval_policy, policy, ref, reward_fn, eval_prompts, ctx, tok=tok, seed=cfg.seed + 1,
+                       **{k: v for k, v in sampling.items() if k not in ("generator", "row_offset", "total_rows")},
+                       gold=data.gold_score if cfg.gold == "synthetic" else None, chunk=cfg.batch_size // ctx.world)
     return loop(cfg, ctx, cfg.algo, len(prompts), step_fn, trained, tok, held_out, lr_scale, gen, rl=True,
                 show=("loss", "reward_mean", "baseline_mean", "kl"))
 
