@@ -306,12 +306,12 @@ def run_main(main):
     os._exit(code)
 
 
-def compare_answers(paths: dict, prompt, mask, tok, texts: list[str], score, max_new_tokens: int):
+def compare_answers(paths: dict, prompt, mask, tok, texts: list[str], score, max_new_tokens: int, label="gold"):
     """Greedy answers of each checkpoint in `paths` ({name: folder}) to the same prompts, side by side with
     score(prompt text, answer)."""
     answers = [tok.decode_batch(r[m].tolist() for r, m in zip(*generate(Transformer.from_pretrained(p).eval(), prompt,
                                                                          mask, max_new_tokens, temperature=0.0)))
                for p in paths.values()]
-    print("\nprompt     " + "".join(f"{name + ' answer (score)':25s}" for name in paths))
+    print("\nprompt     " + "        ".join(f"{name} answer ({label})" for name in paths))
     for x, *row in zip(texts, *answers):
-        print(f"{x:10s} " + "".join(f"{a:12s} ({score(x, a):.2f})       " for a in row))
+        print(f"{x:10s} " + "     ".join(f"{a:12s} ({score(x, a):.2f})" for a in row))
