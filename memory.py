@@ -98,7 +98,8 @@ def plan(policy: ModelConfig, reward: ModelConfig, critic: ModelConfig | None, *
     c, W, ac, P, V = dtype.itemsize, world, activation_checkpointing, max_prompt_len, policy.vocab_size
     pol, rm = Sizes.of(policy, True), Sizes.of(reward, False)
     crit = Sizes.of(critic, False) if algo == "ppo" else None
-    b, e, T = max(1, batch_size // W), max(1, eval_size // W), max_prompt_len + max_new_tokens   # prompts per rank
+    b = max(1, batch_size // W)                    # prompts per rank; evaluation decodes in chunks of b (metrics)
+    e, T = min(b, max(1, eval_size // W)), max_prompt_len + max_new_tokens
     rows = (2 if algo == "remax" else 1) * b                   # ReMax decodes a sampled and a greedy response
     unsharded = lambda s: c * (s.root + 2 * s.block)           # FSDP: the root's and two blocks' gathered params
     logits = lambda n: n * min(T, CHUNK) * V * 12              # fp32 log-prob chunk: logits, softmax, product
