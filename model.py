@@ -1,11 +1,8 @@
-"""LLaMA / Mistral decoder in plain PyTorch: the policy, reference and reward backbones of ReMax.
-
-One class per concept (RMSNorm, Attention, FeedForward, TransformerBlock, Transformer), module
-attribute names equal to Hugging Face's so a state dict maps onto `model.safetensors` by adding
-the `model.` prefix. Also here: Hugging Face checkpoint I/O (sharded in and out), the tokenizer,
-KV-cached batched sampling (the `generate` that produces ReMax's sampled *and* greedy responses,
-Algorithm 1 lines 3-4; gpt-fast's one-token decode step, compilable, over a static cache, no per-token
-host sync) and the per-token log-probs the loss needs, in fp32 (Algorithm 1 line 6).
+"""LLaMA / Mistral decoder in plain PyTorch: the policy, reference and reward backbones of ReMax. One class per
+concept (RMSNorm, Attention, FeedForward, TransformerBlock, Transformer), attribute names equal to Hugging Face's
+(a state dict maps onto `model.safetensors` with the `model.` prefix). Also here: HF checkpoint I/O, the tokenizer,
+KV-cached batched sampling (`generate`: ReMax's sampled *and* greedy responses, Algorithm 1 lines 3-4, through
+gpt-fast's compilable one-token step, no per-token host sync) and the fp32 per-token log-probs of line 6.
 """
 import functools
 import json
@@ -47,8 +44,7 @@ class ModelConfig:
     pad_id: int | None = None
 
     def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.dim // self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.model_type not in ("llama", "mistral"):
             raise ValueError(f"model_type: expected 'llama' or 'mistral', got {self.model_type!r}")
         if self.n_heads % self.n_kv_heads:
@@ -145,8 +141,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32 and cast back before the scale, exactly as the checkpoints were trained.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -217,12 +212,9 @@ class TransformerBlock(nn.Module):
 
 
 def attention_mask(key_mask, T: int, cache_pos, sliding_window: int | None):
-    """Boolean [B, 1, T, S] mask (True = attend): causal, no padded keys, Mistral's sliding window.
-
-    cache_pos: an int, the queries' first column (S = cache_pos + T keys), or the decode step's tensor of the T
-    columns (S = key_mask's width, the whole static cache; later columns are causally masked), with no host sync.
-    Returns None when plain causal attention is exact, so SDPA can take its fused path.
-    """
+    """Boolean [B, 1, T, S] mask (True = attend): causal, no padded keys, Mistral's sliding window. cache_pos: the
+    queries' first column (S = cache_pos + T keys), or the decode step's tensor of the T columns (S = key_mask's
+    width, the whole static cache), with no host sync. None when plain causal attention is exact (SDPA's fused path)."""
     static = torch.is_tensor(cache_pos)
     S = key_mask.shape[1] if static else cache_pos + T
     if not static and cache_pos == 0 and (key_mask is None or bool(key_mask.all())) and (sliding_window or S) >= S:
@@ -250,23 +242,17 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                nn.init.normal_(p, std=std, generator=generator)
-            else:
-                nn.init.ones_(p)
+        for p in self.parameters():           # matrices ~ N(0, std^2), norm scales 1
+            nn.init.normal_(p, std=std, generator=generator) if p.dim() == 2 else nn.init.ones_(p)
         return self.reset_rope()
 
     def forward(self, tokens, positions=None, mask=None, *, cache: list[KVCache] | None = None, cache_pos=0,
                 return_hidden: bool = False, targets=None, last_only: bool = False, chunk_size: int = 1024):
-        """tokens [B, T] -> logits [B, T, V] (fp32-accumulated in the weights' dtype).
-
-        positions: per-row position ids (default: from `mask`, else 0..T-1); mask: [B, cache_pos + T] bool,
-        True on real tokens. cache_pos: the first cache column written, or (`decode_one_token`) a tensor of the
-        T columns, with positions given and mask spanning the cache. return_hidden: the final-norm hidden states
-        [B, T, D] (reward/value heads). targets [B, T]: (log pi(targets), entropy) per position instead, in fp32
-        and in chunks of `chunk_size` tokens (see `chunked_logprobs`). last_only: logits of the last position, [B, 1, V].
-        """
+        """tokens [B, T] -> logits [B, T, V]. positions: per-row position ids (default: from `mask`, else 0..T-1);
+        mask: [B, cache_pos + T] bool, True on real tokens. cache_pos: the first cache column written, or
+        (`decode_one_token`) a tensor of the T columns, with positions given and mask spanning the cache.
+        return_hidden: the final-norm hidden states [B, T, D] (reward/value heads). targets [B, T]: (log pi(targets),
+        entropy) per position instead, in fp32 (`chunked_logprobs`). last_only: the last position's logits, [B, 1, V]."""
         B, T = tokens.shape
         if positions is None:
             positions = positions_from_mask(mask[:, :T]) if mask is not None and cache_pos == 0 else \
@@ -311,8 +297,7 @@ class Transformer(nn.Module):
         return self
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, state_dict: dict | None = None, extra_files=()):
-        """Write config.json + safetensors (sharded past max_shard_bytes) in transformers' layout, atomically.
-        state_dict: the full (gathered) weights when the model is sharded; extra_files: e.g. the tokenizer's."""
+        """config.json + safetensors in transformers' layout, atomically; state_dict: the gathered weights if sharded."""
         state = state_dict if state_dict is not None else self.state_dict()
         cfg = self.config.to_hf()
         cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
@@ -321,10 +306,9 @@ class Transformer(nn.Module):
 
 
 def chunked_logprobs(h, weight, targets, chunk_size: int):
-    """log softmax(h W^T)[targets] and the entropy [B, T], in fp32 whatever the weights' dtype, `chunk_size` tokens
-    at a time. The product itself is fp32: bf16 logits are rounded to steps of 0.125 near 25 (7B scales), ~0.01-0.02
-    nats of error per log-prob. Chunks run over the B*T tokens and are recomputed in backward (checkpoint), so peak
-    memory holds one [chunk, V] fp32 block (0.5 GB at 1024 x 128k) and bf16 weights' fp32 copy, whatever B and T."""
+    """log softmax(h W^T)[targets] and the entropy [B, T], in fp32 whatever the weights' dtype (bf16 logits step by
+    0.125 near 25, 7B scales: ~0.01-0.02 nats of error), `chunk_size` of the B*T tokens at a time, recomputed in
+    backward: peak memory holds one [chunk, V] fp32 block (0.5 GB at 1024 x 128k) and bf16 weights' fp32 copy."""
     def one(h_c, t_c):
         logits = h_c.float() @ weight.float().T
         lse = logits.logsumexp(-1)
@@ -369,9 +353,8 @@ def _invert_cdf(w, noise):
 
 
 def _nucleus_threshold(w, bound):
-    """Per row of w [R, V] (weights in [0, 1], the largest exactly 1): the smallest weight t whose
-    heavier tokens weigh < bound, i.e. the nucleus is {w >= t}. Bisection on the float32 bit
-    pattern (monotone for nonnegative floats): 30 fixed steps, no sort, no host sync."""
+    """Per row of w [R, V] (in [0, 1], the largest 1): the smallest t whose heavier tokens weigh < bound (nucleus
+    {w >= t}), by bisection on the float32 bit pattern (monotone when >= 0): 30 steps, no sort, no host sync."""
     lo = torch.zeros_like(bound, dtype=torch.int32)                 # weight 0.0: everything is heavier
     hi = torch.full_like(bound, 0x3F800000, dtype=torch.int32)     # weight 1.0: nothing is heavier
     for _ in range(30):  # hi - lo < 2**30 halves to 1
@@ -385,15 +368,13 @@ def _nucleus_threshold(w, bound):
 
 def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, noise=None, generator=None,
                 greedy: bool | None = None, sampled: bool | None = None):
-    """One token per row; rows with temperature 0 take the argmax (the ReMax baseline is greedy).
-
-    Sampled rows draw from softmax(logits / temperature) restricted to the top_k most likely tokens (ties with
-    the k-th kept) and then to the nucleus: the most likely tokens, in order, while the mass before them is < top_p
-    (transformers' TopPLogitsWarper: the token that crosses top_p is kept; ties at that boundary may be kept too).
-    The draw is by inverse CDF: the token whose interval of the (float64) cumulative distribution holds noise * mass.
-    noise: one U[0, 1) per row (from `generator` when not given), not one per vocabulary entry. greedy / sampled:
-    whether any row has temperature 0 / > 0; None checks (a host sync), `generate` decides once per call.
-    """
+    """One token per row; rows with temperature 0 take the argmax (the ReMax baseline is greedy). Sampled rows draw
+    from softmax(logits / temperature) restricted to the top_k most likely tokens (ties with the k-th kept), then to
+    the nucleus: the most likely tokens, in order, while the mass before them is < top_p (transformers'
+    TopPLogitsWarper: the crossing token is kept; ties at that boundary may be too), by inverse CDF: the token whose
+    interval of the (float64) cumulative distribution holds noise * mass. noise: one U[0, 1) per row (from
+    `generator` when not given). greedy / sampled: whether any row has temperature 0 / > 0; None checks (a host
+    sync), `generate` decides once per call."""
     is_greedy = temperature == 0
     greedy = bool(is_greedy.any()) if greedy is None else greedy
     sampled = (not bool(is_greedy.all())) if sampled is None else sampled
@@ -407,8 +388,7 @@ def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, noise=N
     w = w.mul_(1 / temperature.clamp_min(1e-5)[:, None]).exp_()  # unnormalised probabilities, the largest 1
     V = w.shape[-1]
     if top_k:
-        kth = w.topk(min(top_k, V), dim=-1).values[:, -1:]
-        w = w.masked_fill_(w < kth, 0.0)
+        w = w.masked_fill_(w < w.topk(min(top_k, V), dim=-1).values[:, -1:], 0.0)     # ties with the k-th kept
     if top_p >= 1.0:
         tok = _invert_cdf(w, noise)
     else:
@@ -422,18 +402,17 @@ def sample_next(logits, temperature, top_p: float = 1.0, top_k: int = 0, noise=N
     return tok if argmax is None else torch.where(is_greedy, argmax, tok)
 
 
-# Decoding syncs with the host once per STOP_CHECK_EVERY tokens, to stop once every row has (tokens decoded past a
-# row's stop are masked, as always). compile=True left-pads prompts to a multiple of PROMPT_BUCKET tokens: one graph
-# per bucket (4 for prompts of up to 256 tokens) and batch size, not one per prompt length.
+# Decoding syncs with the host once per STOP_CHECK_EVERY tokens, to stop once every row has (tokens past a row's stop
+# are masked). compile=True left-pads prompts to a multiple of PROMPT_BUCKET: a graph per bucket, not per length.
 STOP_CHECK_EVERY, PROMPT_BUCKET = 16, 64
 _DECODERS = weakref.WeakKeyDictionary()
 
 
 def decoder(model) -> Transformer:
     """`model` without hooks: its architecture, built once on the meta device, holding model's current tensors (no
-    copies). Decoding runs through it, so FSDP2's per-module hooks neither run for every token nor enter a compiled
-    graph, and torch.compile lifts its parameters into graph inputs, never constants. An FSDP2 model must be unsharded
-    first (`unshard()` on each FSDP module, as train.py's rollouts do): its parameters are then the gathered tensors."""
+    copies), so FSDP2's per-module hooks neither run for every token nor enter a compiled graph, and torch.compile
+    lifts the parameters into graph inputs, never constants. An FSDP2 model must be unsharded first (train.py's
+    rollouts are): its parameters are then the gathered tensors."""
     if (shell := _DECODERS.get(model)) is None:
         with torch.device("meta"):
             shell = _DECODERS[model] = Transformer(model.config, lm_head=model.lm_head is not None).eval()
@@ -446,10 +425,9 @@ def decoder(model) -> Transformer:
 
 
 def decode_one_token(model, s: dict, i):
-    """Token i of every row, sampled from s["logits"] into s["out"] (pad_id once the row has stopped), then fed through
+    """Token i of every row, sampled from s["logits"] into s["out"] (pad_id once the row stopped), then fed through
     `model` at cache column P + i for token i + 1's logits. gpt-fast's decode step, for torch.compile(fullgraph=True):
-    shapes fixed for the rollout (cache, key mask and outputs span all P + N columns, those not decoded yet masked),
-    i a [1] tensor, no branch on data: one graph serves every token of every rollout of that shape."""
+    shapes fixed for the rollout (all P + N columns), i a [1] tensor, no branch on data: one graph for all tokens."""
     noise = s["noise"].index_select(0, i)[0] if s["sampled"] else None
     tok = sample_next(s["logits"], s["temperature"], s["top_p"], s["top_k"], noise, greedy=s["greedy"], sampled=s["sampled"])
     s["out"].index_copy_(1, i, torch.where(s["done"], s["pad_id"], tok)[:, None])
@@ -479,11 +457,9 @@ def generate(model, prompt, prompt_mask, max_new_tokens: int, *, n: int = 1, tem
     that draw, so every rank samples exactly what one process would (world-size-invariant, reproducible runs).
 
     compile: `decode_one_token` compiled (fullgraph, static shapes; on CUDA gpt-fast's "reduce-overhead", CUDA
-    graphs), the tokens of eager decoding. Weights are graph inputs, never stale: CUDA graphs read them at the
-    addresses recorded, in-place updates included, and where FSDP2 gathered them into new storage (a new rollout
-    may) torch re-records before replaying (a static-input address change, not counted against its re-record limit).
-    The KV cache and the step's state are marked static addresses: a replay copies no input but the step index.
-    One graph per (rows, bucketed prompt length, max_new_tokens, sampling settings); see `decoder` for FSDP2.
+    graphs), the tokens of eager decoding. Weights are graph inputs, never stale: CUDA graphs read them where recorded,
+    and where FSDP2 gathered them into new storage torch re-records before replaying (not counted against its limit).
+    Cache and state are static addresses; one graph per (rows, prompt bucket, max_new_tokens, sampling settings).
     """
     B, P = prompt.shape
     if not bool(prompt_mask[:, -1].all()):
@@ -523,8 +499,8 @@ def hf_name(key: str) -> str:
 
 
 def read_config(path) -> ModelConfig:
-    """config.json, with generation_config.json's eos_token_id(s) added to the stop ids: transformers'
-    generate stops on those (Llama-3-Instruct ends a turn with <|eot_id|>, listed only there)."""
+    """config.json, plus generation_config.json's eos_token_id(s) as stop ids, as transformers' generate (Llama-3's
+    <|eot_id|> is listed only there)."""
     path = Path(path)
     config = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
     eos = (read_json(g) if (g := path / "generation_config.json").is_file() else {}).get("eos_token_id")
@@ -545,9 +521,8 @@ def read_json(path) -> dict:
 
 
 def read_tensors(file: Path, key: str | None = None):
-    """A checkpoint file's tensors {name: tensor}, or the one named `key`, memory-mapped: pages are read when used and
-    leave host memory with the last tensor of the call, so one key per call streams. A .bin (transformers 4's
-    torch.save) is unpickled with weights_only=True: tensors and plain containers only, never other objects."""
+    """A checkpoint file's tensors {name: tensor}, or the one named `key`, memory-mapped (one key per call streams).
+    A .bin (transformers 4's torch.save) is unpickled with weights_only=True: tensors and containers, nothing else."""
     try:
         if file.suffix == ".bin":
             tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -556,8 +531,8 @@ def read_tensors(file: Path, key: str | None = None):
                 tensors = {k: f.get_tensor(k) for k in ([key] if key else f.keys())}
     except Exception as e:      # a git-lfs pointer, a cut download, a pickle that holds more than tensors
         why = next((l for l in str(e).splitlines() if "GLOBAL" in l), (str(e) or type(e).__name__).splitlines()[0])
-        kind = "PyTorch" if file.suffix == ".bin" else "safetensors"
-        raise ValueError(f"{file}: not a readable {kind} checkpoint ({why.strip()})") from None
+        raise ValueError(f"{file}: not a readable {'PyTorch' if file.suffix == '.bin' else 'safetensors'} checkpoint "
+                         f"({why.strip()})") from None
     return tensors if key is None else tensors[key]
 
 
@@ -580,10 +555,6 @@ def checkpoint_index(path, expected: dict) -> dict[str, tuple[Path, str]]:
         if found[k][2] != shape:
             raise ValueError(f"{path}: tensor {hf_name(k)} has shape {list(found[k][2])}, expected {list(shape)}")
     return {k: found[k][:2] for k in expected}
-
-
-def load_hf_state_dict(path, expected: dict) -> dict:
-    return {k: read_tensors(*where) for k, where in checkpoint_index(path, expected).items()}
 
 
 def save_hf_checkpoint(path, config: dict, tensors: dict, max_shard_bytes: int = 5 * 2**30, extra_files=()):
@@ -622,24 +593,16 @@ def save_hf_checkpoint(path, config: dict, tensors: dict, max_shard_bytes: int =
     return path
 
 
-def _special(value):
-    return value.get("content") if isinstance(value, dict) else value
-
-
 class Tokenizer:
-    """tokenizer.json through the `tokenizers` library, special tokens from tokenizer_config.json.
-
-    encode(..., add_special_tokens=True) applies the checkpoint's own post-processor (Llama-2/3 add
-    BOS there), so BOS handling is what transformers' fast tokenizer does for the same folder.
-    """
+    """tokenizer.json through the `tokenizers` library, special tokens from tokenizer_config.json. encode(...,
+    add_special_tokens=True) applies the checkpoint's own post-processor (Llama-2/3 add BOS there), as transformers."""
 
     def __init__(self, path):
         from tokenizers import Tokenizer as _Tok
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path / 'tokenizer.json'}: file not found (a fast-tokenizer tokenizer.json is required)")
-        self.path = path
-        self.tok = _Tok.from_file(str(path / "tokenizer.json"))
+        self.path, self.tok = path, _Tok.from_file(str(path / "tokenizer.json"))
         cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
         model_cfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
         template, self.chat_template_source = cfg.get("chat_template"), str(path / "tokenizer_config.json")
@@ -650,15 +613,16 @@ class Tokenizer:
             template = (path / "chat_template.jinja").read_text()
         self.chat_template = template
 
+        special = lambda name: (v.get("content") if isinstance(v := cfg.get(f"{name}_token"), dict) else v)
+
         def special_id(name):
-            tok = _special(cfg.get(f"{name}_token"))
+            tok = special(name)
             if tok is not None and self.tok.token_to_id(tok) is not None:
                 return self.tok.token_to_id(tok)
             ident = model_cfg.get(f"{name}_token_id")
             return ident[0] if isinstance(ident, list) else ident
         self.bos_id, self.eos_id, self.pad_id = special_id("bos"), special_id("eos"), special_id("pad")
-        self.bos_token = _special(cfg.get("bos_token"))
-        self.eos_token = _special(cfg.get("eos_token"))
+        self.bos_token, self.eos_token = special("bos"), special("eos")
 
     @property
     def vocab_size(self) -> int:

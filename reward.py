@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelConfig, Transformer, load_hf_state_dict, positions_from_mask, read_json, save_hf_checkpoint
+from model import (ModelConfig, Transformer, checkpoint_index, positions_from_mask, read_json, read_tensors,
+                   save_hf_checkpoint)
 
 # Head tensor name by config.json architecture. UltraRM's LlamaRewardModel names its head regression_head.
 HEADS = {"LlamaForSequenceClassification": "score.weight", "MistralForSequenceClassification": "score.weight",
@@ -88,7 +89,8 @@ class RewardModel(nn.Module):
         config = ModelConfig.from_hf(d, source=str(source))
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in Transformer(config, lm_head=False).state_dict().items()}
-        state = load_hf_state_dict(path, expected=shapes | {HEADS[arch]: torch.Size([1, config.dim])})
+        where = checkpoint_index(path, shapes | {HEADS[arch]: torch.Size([1, config.dim])})
+        state = {k: read_tensors(*w) for k, w in where.items()}
         head = state.pop(HEADS[arch])
         return cls._assemble(replace(config, tie_embeddings=False), state, head, dtype, device)
 
