@@ -26,8 +26,7 @@ import torch.distributed as dist
 import data
 import remax
 from fsdp import Dist, Rank0Failed, atomic_write, check_run, gathered, json_or_none, log, on_rank0
-from model import Transformer, generate
-from model import generate, positions_from_mask, response_logprobs
+from model import Transformer, generate, positions_from_mask, response_logprobs
 
 
 def batch_stats(rows: dict, ctx: Dist) -> dict:
@@ -131,13 +130,13 @@ class Metrics:
 
     def plot(self, keys=("reward_mean", "baseline_mean", "kl", "eval/reward_greedy", "eval/kl")):
         """metrics.png next to metrics.jsonl: reward and KL against steps, when matplotlib is installed (optional)."""
+        if not self.on:                 # rank 0 writes the file, so rank 0 alone draws it
+            return
         try:
             import matplotlib
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            return
-        if not self.on:
             return
         rows = [r for r in map(json_or_none, self.path.read_text().splitlines()) if r]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
